@@ -1,0 +1,11 @@
+"""The pack's ComfyExtension: the list ComfyUI registers."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .layout_nodes import LayoutFromJSON
+from .region_nodes import RegionMaskBuilder
+
+
+class MEPGExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LayoutFromJSON, RegionMaskBuilder]

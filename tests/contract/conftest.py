@@ -1,0 +1,85 @@
+"""The pack loaded by real ComfyUI inside the test process, the way ComfyUI loads custom nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mepg_testing import ROOT, link_checkpoints
+
+BASE = ROOT / ".host" / "contract-base"
+
+
+class _SilentServer:
+    """What PromptExecutor needs from a server: a client id and somewhere to send events."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.events: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+
+@dataclass
+class ComfyInProcess:
+    nodes: Any
+    execution: Any
+    mappings: dict
+    server: _SilentServer = field(default_factory=_SilentServer)
+    executor: Any = None
+
+    def node(self, node_id: str):
+        return self.mappings[node_id]
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute an API-format prompt; returns the executor's history result.
+
+        Raises AssertionError with ComfyUI's own messages when validation or execution fails.
+        """
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
+        if self.executor is None:
+            self.executor = self.execution.PromptExecutor(
+                self.server, cache_type=self.execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        self.executor.execute(prompt, prompt_id, {}, valid[2])
+        if not self.executor.success:
+            errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+            raise AssertionError(f"execution failed: {errors}")
+        return self.executor.history_result
+
+
+@pytest.fixture(scope="session")
+def comfy(tiny_checkpoints) -> ComfyInProcess:
+    import comfy_env
+    import host
+
+    host.prepare_base(BASE, with_tiny_models=True)
+    link_checkpoints(BASE, tiny_checkpoints)
+    comfy_env.activate(BASE)
+    import folder_paths
+
+    folder_paths.set_output_directory(str(BASE / "output"))
+    folder_paths.set_temp_directory(str(BASE / "temp"))
+    folder_paths.set_input_directory(str(BASE / "input"))
+    import execution
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return ComfyInProcess(nodes=nodes, execution=execution, mappings=nodes.NODE_CLASS_MAPPINGS)
+
+
+def pytest_collection_modifyitems(items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.contract)
