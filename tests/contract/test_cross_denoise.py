@@ -1,0 +1,157 @@
+"""CrossDenoiseKSampler / CrossDenoiseGuider in real ComfyUI on the tiny SDXL fixture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+SCHEDULE = {"p1": 0.7, "interleave": 0, "alpha_start": 1.0, "alpha_end": 1.0, "context_margin_px": 64}
+
+
+@pytest.fixture(scope="module")
+def base(comfy, tiny_checkpoints):
+    model, clip, vae = comfy.node("CheckpointLoaderSimple")().load_checkpoint(tiny_checkpoints["base"].name)[:3]
+    return model, clip
+
+
+def encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def regions_for(comfy, clip, layout: dict, width: int, height: int, feather_px: int = 0):
+    layout_obj = comfy.node("MEPG_LayoutFromJSON").execute(json.dumps(layout)).args[0]
+    return comfy.node("MEPG_RegionMaskBuilder").execute(
+        layout_obj, width=width, height=height, feather_px=feather_px, overlap="smaller_on_top",
+        global_weight=0.5, clip=clip).args[0]
+
+
+def layout_of(global_prompt, *regions):
+    return {"version": 1, "global_prompt": global_prompt,
+            "regions": [{"label": label, "prompt": prompt, "box": box} for label, prompt, box in regions]}
+
+
+def cross(comfy, model, clip, regions, latent, *, seed=3, steps=6, sampler="euler", scheduler="normal", cfg=4.0,
+          denoise=1.0, global_prompt="a garden", **schedule):
+    settings = {**SCHEDULE, **schedule}
+    out = comfy.node("MEPG_CrossDenoiseKSampler").execute(
+        model, seed, steps, cfg, sampler, scheduler, encode(clip, global_prompt), encode(clip, "blurry"),
+        latent, regions, denoise=denoise, **settings).args[0]
+    return out["samples"]
+
+
+def plain(comfy, model, clip, latent, *, seed=3, steps=6, sampler="euler", scheduler="normal", cfg=4.0, denoise=1.0,
+          global_prompt="a garden"):
+    return comfy.nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, encode(clip, global_prompt),
+                                       encode(clip, "blurry"), latent, denoise=denoise)[0]["samples"]
+
+
+def empty(width, height, batch=1):
+    return {"samples": torch.zeros(batch, 4, height // 8, width // 8)}
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+def test_full_canvas_region_with_global_prompt_equals_plain_ksampler(comfy, base, sampler):
+    model, clip = base
+    regions = regions_for(comfy, clip, layout_of("a garden", ("garden", "a garden", [0, 0, 1000, 1000])), 256, 192)
+    latent = empty(256, 192)
+    a = cross(comfy, model, clip, regions, latent, sampler=sampler, interleave=3)
+    b = plain(comfy, model, clip, latent, sampler=sampler)
+    err = (a - b).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_p1_zero_is_global_only(comfy, base):
+    model, clip = base
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]), ("dog", "a dog", [500, 100, 900, 500]))
+    regions = regions_for(comfy, clip, layout, 256, 192)
+    latent = empty(256, 192)
+    a = cross(comfy, model, clip, regions, latent, p1=0.0)
+    b = plain(comfy, model, clip, latent)
+    assert torch.equal(a, b)
+
+
+def test_regions_change_the_result(comfy, base):
+    model, clip = base
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]))
+    regions = regions_for(comfy, clip, layout, 256, 192)
+    latent = empty(256, 192)
+    assert rel_err(cross(comfy, model, clip, regions, latent), plain(comfy, model, clip, latent)) > 1e-3
+
+
+@pytest.mark.parametrize("feather_px", [0, 16])
+def test_locality_one_region_prompt_changes_only_its_mask(comfy, base, feather_px):
+    """With no global step yet (p1 = 1, no interleave), a region's prompt reaches nothing outside its mask."""
+    model, clip = base
+    boxes = {"cat": [80, 300, 420, 900], "dog": [560, 120, 940, 600]}
+    a_layout = layout_of("a garden", ("cat", "a black cat", boxes["cat"]), ("dog", "a brown dog", boxes["dog"]))
+    b_layout = layout_of("a garden", ("cat", "a glowing blue robot", boxes["cat"]),
+                         ("dog", "a brown dog", boxes["dog"]))
+    ra = regions_for(comfy, clip, a_layout, 320, 256, feather_px)
+    rb = regions_for(comfy, clip, b_layout, 320, 256, feather_px)
+    latent = empty(320, 256)
+    xa = cross(comfy, model, clip, ra, latent, p1=1.0, steps=5)
+    xb = cross(comfy, model, clip, rb, latent, p1=1.0, steps=5)
+    cat_support = ra.regions[0].latent_mask > 0
+    diff = (xa - xb).abs().amax(dim=(0, 1))
+    assert diff[cat_support].max() > 1e-2  # the changed region really changed
+    assert diff[~cat_support].max() == 0, diff[~cat_support].max()
+
+
+@pytest.mark.parametrize("w,h", [(832, 1216), (1000, 600)])
+def test_odd_sizes(comfy, base, w, h):
+    model, clip = base
+    layout = layout_of("a street", ("car", "a red car", [50, 600, 500, 950]), ("tree", "a tree", [600, 50, 950, 700]))
+    regions = regions_for(comfy, clip, layout, w, h, feather_px=24)
+    out = cross(comfy, model, clip, regions, empty(w, h), steps=3, global_prompt="a street")
+    assert out.shape == (1, 4, h // 8, w // 8) and torch.isfinite(out).all()
+
+
+def test_regions_built_for_another_size_are_rescaled(comfy, base):
+    model, clip = base
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]))
+    regions = regions_for(comfy, clip, layout, 1024, 1024)
+    out = cross(comfy, model, clip, regions, empty(256, 192), steps=3)
+    assert out.shape == (1, 4, 24, 32)
+
+
+def test_batch_img2img_and_determinism(comfy, base):
+    model, clip = base
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]))
+    regions = regions_for(comfy, clip, layout, 256, 192)
+    start = {"samples": torch.randn(2, 4, 24, 32, generator=torch.Generator().manual_seed(0))}
+    a = cross(comfy, model, clip, regions, start, denoise=0.5, steps=6)
+    b = cross(comfy, model, clip, regions, start, denoise=0.5, steps=6)
+    assert a.shape == (2, 4, 24, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+    c = cross(comfy, model, clip, regions, start, denoise=0.5, steps=6, seed=4)
+    assert not torch.equal(a, c)
+
+
+def test_guider_with_sampler_custom_advanced_matches_the_ksampler_node(comfy, base):
+    model, clip = base
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]))
+    regions = regions_for(comfy, clip, layout, 256, 192)
+    latent = empty(256, 192)
+    guider = comfy.node("MEPG_CrossDenoiseGuider").execute(
+        model, encode(clip, "a garden"), encode(clip, "blurry"), regions, 4.0, **SCHEDULE).args[0]
+    noise = comfy.node("RandomNoise").execute(3).args[0]
+    sampler = comfy.node("KSamplerSelect").execute("euler").args[0]
+    sigmas = comfy.node("BasicScheduler").execute(model, "normal", 6, 1.0).args[0]
+    out = comfy.node("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, latent).args[0]["samples"]
+    ref = cross(comfy, model, clip, regions, latent)
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_missing_region_conditioning_is_a_clear_error(comfy, base):
+    model, clip = base
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]))
+    regions = regions_for(comfy, None, layout, 256, 192)
+    with pytest.raises(ValueError, match=r"region 0 \('cat'\) has no conditioning"):
+        cross(comfy, model, clip, regions, empty(256, 192))
