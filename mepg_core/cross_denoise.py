@@ -10,10 +10,11 @@ The schedule, for step ``i`` (0-based) of ``N``:
   the picture aligned while regions develop (``interleave = 0`` disables this).
 - A **global step** is one ordinary denoiser call with the global prompt on the whole latent.
 - A **local step** denoises each region's window (its box grown by a context margin, aligned to a
-  multiple of ``align`` latent cells) with the region's own prompt, and the background with the global
-  prompt, then fuses the predictions: ``x0 = w_bg * D_bg + sum_i w_i * D_i`` with
-  ``w_i = alpha(i) * m_i`` (``m_i`` the region's feathered latent mask, clipped to its window) and
-  ``w_bg = 1 - sum_i w_i`` (weights renormalised where regions overlap and sum above 1).
+  multiple of ``align`` latent cells; SDXL's UNet halves the size twice, so 4 cells suffice) with the
+  region's own prompt, and the background with the global prompt, then fuses the predictions:
+  ``x0 = w_bg * D_bg + sum_i w_i * D_i`` with ``w_i = alpha(i) * m_i`` (``m_i`` the region's
+  feathered latent mask, clipped to its window) and ``w_bg = 1 - sum_i w_i`` (weights renormalised
+  where overlapping regions sum above 1).
   ``alpha`` ramps linearly from ``alpha_start`` at the first local step to ``alpha_end`` at the last.
 - Isolation during local steps: each pass sees the current latent only where no *other* region has
   weight; elsewhere it sees the reference latent (the initial latent noised to the current sigma,
@@ -41,8 +42,8 @@ class CrossDenoiseSettings:
     interleave: int = 4
     alpha_start: float = 1.0
     alpha_end: float = 1.0
-    context_margin: int = 8
-    align: int = 8
+    context_margin: int = 4
+    align: int = 4
 
     def validate(self) -> None:
         problems = []

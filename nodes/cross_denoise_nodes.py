@@ -27,8 +27,8 @@ log = logging.getLogger("mepg")
 class CrossDenoiseGuider(comfy.samplers.CFGGuider):
     """CFG guidance whose prediction follows the cross-denoise schedule.
 
-    ``routing``: optional object with ``enter(kind, region_index, window, plan)`` returning a context
-    manager; the MoE patch uses it to route each pass's tokens to the right expert.
+    ``routing``: optional :class:`~mepg_core.moe_routing.MoERouting` (a Gated MoE model carries one);
+    each pass is announced to it so the gated blocks route tokens to the right expert.
     """
 
     def __init__(self, model_patcher, region_set: RegionSet, settings: cd.CrossDenoiseSettings, routing=None):
@@ -102,13 +102,19 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
     def _route(self, kind, region_index, window):
         if self.routing is None:
             return contextlib.nullcontext()
-        return self.routing.enter(kind, region_index, window, self._plan)
+        return self.routing.enter(kind, region_index, self.region_set.regions, self._plan.masks)
+
+
+def model_routing(model):
+    """The MoE routing a Gated MoE Patch attached to this model, or None for a plain model."""
+    attachment = model.get_attachment("mepg_moe")
+    return None if attachment is None else attachment.routing
 
 
 def settings_from_inputs(p1: float, interleave: int, alpha_start: float, alpha_end: float,
                          context_margin_px: int) -> cd.CrossDenoiseSettings:
     return cd.CrossDenoiseSettings(p1=p1, interleave=interleave, alpha_start=alpha_start, alpha_end=alpha_end,
-                                   context_margin=-(-context_margin_px // 8), align=8)
+                                   context_margin=-(-context_margin_px // 8), align=4)
 
 
 def schedule_inputs() -> list:
@@ -124,9 +130,10 @@ def schedule_inputs() -> list:
                                "(1 = the region alone decides there; lower lets the global prompt blend in)."),
         io.Float.Input("alpha_end", default=1.0, min=0.0, max=1.0, step=0.05,
                        tooltip="Region weight at the last local step; alpha moves linearly between the two."),
-        io.Int.Input("context_margin_px", default=64, min=0, max=1024, step=8,
+        io.Int.Input("context_margin_px", default=32, min=0, max=1024, step=8,
                      tooltip="Each region's window is its box grown by this many pixels of context (then to a "
-                             "multiple of 64 px), so objects are drawn with their surroundings in view."),
+                             "multiple of 32 px), so objects are drawn with their surroundings in view. "
+                             "Larger margins cost more time in the local phase."),
     ]
 
 
@@ -186,7 +193,7 @@ def run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive
     sigmas = ksampler.sigmas
     if sigmas.shape[-1] == 0:
         return latent_image
-    guider = CrossDenoiseGuider(model, regions, settings, routing=routing or getattr(model, "mepg_routing", None))
+    guider = CrossDenoiseGuider(model, regions, settings, routing=routing or model_routing(model))
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
@@ -221,7 +228,7 @@ class CrossDenoiseGuiderNode(io.ComfyNode):
     def execute(cls, model, positive, negative, regions, cfg, p1, interleave, alpha_start, alpha_end,
                 context_margin_px) -> io.NodeOutput:
         settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px)
-        guider = CrossDenoiseGuider(model, regions, settings, routing=getattr(model, "mepg_routing", None))
+        guider = CrossDenoiseGuider(model, regions, settings, routing=model_routing(model))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

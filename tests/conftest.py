@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mepg_testing import ARTIFACTS, EXPERTS, FIXTURE_DIR, ROOT
+from mepg_testing import ARTIFACTS, EXPERTS, EXTRAS_DIR, FIXTURE_DIR, ROOT
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +18,21 @@ def tiny_checkpoints() -> dict[str, Path]:
     """
     names = ["base", *EXPERTS]
     paths = {n: FIXTURE_DIR / f"tiny_sdxl_{n}.safetensors" for n in names}
-    if not all(p.exists() for p in paths.values()):
+    extras = tiny_extra_paths()
+    if not all(p.exists() for p in [*paths.values(), *extras.values()]):
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_tiny_models.py"), "--out", str(FIXTURE_DIR),
-                        "--experts", *EXPERTS], check=True, cwd=ROOT)
+                        "--experts", *EXPERTS, "--extras", str(EXTRAS_DIR)], check=True, cwd=ROOT)
     return paths
+
+
+def tiny_extra_paths() -> dict[str, Path]:
+    return {"lora": EXTRAS_DIR / "tiny_sdxl_lora.safetensors", "sd15": EXTRAS_DIR / "tiny_sd15_like.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def tiny_extras(tiny_checkpoints) -> dict[str, Path]:
+    """``{"lora": path, "sd15": path}``: a LoRA for the tiny base and an SD1.x-shaped checkpoint."""
+    return tiny_extra_paths()
 
 
 @pytest.fixture(scope="session")

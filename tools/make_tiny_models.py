@@ -101,6 +101,43 @@ def vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return _fill(vae.state_dict(), seed, "first_stage_model.")
 
 
+def tiny_lora_state_dict(base: dict[str, torch.Tensor], seed: int, rank: int = 4, every: int = 2
+                         ) -> dict[str, torch.Tensor]:
+    """A LoRA on every ``every``-th MoE-site weight of ``base`` (keys ``diffusion_model.<path>.lora_up/
+    lora_down.weight`` and ``.alpha``, which ComfyUI's LoRA loader reads)."""
+    out = {}
+    sites = [k for k in sorted(base) if MOE_SITE.search(k) and k.endswith(".weight") and base[k].ndim == 2]
+    for key in sites[::every]:
+        path = key[len("model."):-len(".weight")]
+        out_f, in_f = base[key].shape
+        out[f"{path}.lora_down.weight"] = torch.randn((rank, in_f), generator=_generator(seed, key + "down")) * 0.2
+        out[f"{path}.lora_up.weight"] = torch.randn((out_f, rank), generator=_generator(seed, key + "up")) * 0.2
+        out[f"{path}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def sd15_like_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A tiny SD1.x-shaped UNet (context 768, no ADM): not a valid SDXL expert."""
+    config = {**TINY_UNET_CONFIG, "context_dim": 768, "adm_in_channels": None, "num_classes": None,
+              "use_linear_in_transformer": False}
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**config, operations=comfy.ops.disable_weight_init)
+    return _fill(unet.state_dict(), seed, "model.diffusion_model.")
+
+
+def write_extras(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Error-path fixtures: a LoRA for the tiny base and an SD1.x-shaped checkpoint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"lora": out_dir / "tiny_sdxl_lora.safetensors", "sd15": out_dir / "tiny_sd15_like.safetensors"}
+    if not paths["lora"].exists():
+        _save(tiny_lora_state_dict(unet_state_dict(seed), seed + 77), paths["lora"], {"mepg_fixture": "tiny-lora"})
+    if not paths["sd15"].exists():
+        _save(sd15_like_unet_state_dict(seed), paths["sd15"], {"mepg_fixture": "tiny-sd15-like"})
+    return paths
+
+
 def write_portfolio(out_dir: Path, experts=DEFAULT_EXPERTS, seed: int = 0) -> list[Path]:
     """Write the base and expert checkpoints into ``out_dir``; skip files already there."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +167,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder to write the checkpoints into")
     ap.add_argument("--experts", nargs="*", default=list(DEFAULT_EXPERTS), help="expert names")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extras", type=Path, help="also write the LoRA and SD1.x-shaped fixtures here")
     a = ap.parse_args()
     for p in write_portfolio(a.out, tuple(a.experts), a.seed):
         print(p)
+    if a.extras:
+        for p in write_extras(a.extras, a.seed).values():
+            print(p)
 
 
 if __name__ == "__main__":

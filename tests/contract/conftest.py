@@ -58,23 +58,17 @@ class ComfyInProcess:
 
 
 @pytest.fixture(scope="session")
-def comfy(tiny_checkpoints) -> ComfyInProcess:
-    import comfy_env
-    import host
+def comfy(tiny_checkpoints, tiny_extras) -> ComfyInProcess:
+    import inprocess
 
-    host.prepare_base(BASE, with_tiny_models=True)
+    nodes = inprocess.load_pack(BASE, with_tiny_models=True)
+    import execution
     link_checkpoints(BASE, tiny_checkpoints)
-    comfy_env.activate(BASE)
+    link_checkpoints(BASE, {"sd15": tiny_extras["sd15"]})
+    link_checkpoints(BASE, {"lora": tiny_extras["lora"]}, folder="loras")
     import folder_paths
 
-    folder_paths.set_output_directory(str(BASE / "output"))
-    folder_paths.set_temp_directory(str(BASE / "temp"))
-    folder_paths.set_input_directory(str(BASE / "input"))
-    import execution
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    folder_paths.filename_list_cache.clear()
     return ComfyInProcess(nodes=nodes, execution=execution, mappings=nodes.NODE_CLASS_MAPPINGS)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-SCHEDULE = {"p1": 0.7, "interleave": 0, "alpha_start": 1.0, "alpha_end": 1.0, "context_margin_px": 64}
+SCHEDULE = {"p1": 0.7, "interleave": 0, "alpha_start": 1.0, "alpha_end": 1.0, "context_margin_px": 32}
 
 
 @pytest.fixture(scope="module")

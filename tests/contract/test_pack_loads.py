@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 SNAPSHOT = Path(__file__).with_name("node_schema_snapshot.json")
-PACK_NODES = {"MEPG_LayoutFromJSON", "MEPG_RegionMaskBuilder"}
+PACK_NODES = {
+    "MEPG_LayoutFromJSON", "MEPG_RegionMaskBuilder", "MEPG_ExpertStackLoader", "MEPG_LoRAExpertLoader",
+    "MEPG_GatedMoEPatch", "MEPG_CrossDenoiseKSampler", "MEPG_CrossDenoiseGuider",
+}
 
 
 def pack_node_ids(comfy) -> set[str]:

@@ -1,0 +1,135 @@
+"""Spatial-semantic routing: which expert each token of each model call favours.
+
+Bridges the layout side (regions with a style or a forced expert, the cross-denoise plan) and the
+gated blocks (:class:`~.gating.RoutingContext`). The sampler announces each pass with :meth:`MoERouting.enter`
+(a local window of one region, the background, or a global pass); the host's wrapper around the
+diffusion model asks :meth:`MoERouting.context_for` for the routing of the call it is about to make.
+
+Routes:
+
+- a region's **own route** (local window passes): its forced expert (``region.expert``), else its style's
+  experts (``stack.style_prior(region.style)``, equal weights), else the gate;
+- **global passes**: tokens inside a region's mask get ``prior = (1 - bias) + bias * own`` on top of
+  the gate, so the global expert mix leads and the region's expert is favoured by ``bias``; tokens
+  outside every region are routed by the gate alone;
+- background passes and calls with no announced pass (e.g. a plain KSampler): the gate alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .experts import ExpertStack
+from .gating import RegionRoute, RoutingContext
+
+_PASS: contextvars.ContextVar[PassInfo | None] = contextvars.ContextVar("mepg_moe_pass", default=None)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """One announced model pass. ``kind``: ``"local"`` (a region window), ``"background"`` or ``"global"``."""
+
+    kind: str
+    region_index: int | None
+    routes: tuple[RegionRoute, ...]
+    region_map: torch.Tensor | None  # [H, W] long at latent resolution, -1 outside regions
+
+
+class MoERouting:
+    """Routing policy of one patched model (one expert stack)."""
+
+    def __init__(self, stack: ExpertStack, global_region_bias: float = 0.5, uncond_policy: str = "same"):
+        if not 0.0 <= global_region_bias <= 1.0:
+            raise ValueError(f"global_region_bias must be in [0, 1], got {global_region_bias}")
+        self.stack = stack
+        self.global_region_bias = float(global_region_bias)
+        self.uncond_policy = uncond_policy
+        self.usage: dict[str, torch.Tensor] = {}
+
+    # -- per region ------------------------------------------------------------------------------------
+    def own_weights(self, expert: str | None, style: str | None) -> torch.Tensor | None:
+        """``[E]`` weights a region asks for, or None to leave it to the gate. Unknown expert names raise."""
+        n = self.stack.num_experts
+        if expert:
+            try:
+                index = self.stack.expert_index(expert)
+            except KeyError as exc:
+                raise ValueError(f"region expert {expert!r} is not in the expert stack: {exc}") from None
+            return torch.nn.functional.one_hot(torch.tensor(index), n).float()
+        prior = self.stack.style_prior(style)
+        if prior is None or float(prior.sum()) <= 0:
+            return None
+        return prior / prior.sum()
+
+    def own_route(self, expert: str | None, style: str | None) -> RegionRoute:
+        w = self.own_weights(expert, style)
+        if w is None:
+            return RegionRoute.gate()
+        if int((w > 0).sum()) == 1:
+            return RegionRoute.forced(int(w.argmax()))
+        return RegionRoute.fixed(w)
+
+    def global_route(self, expert: str | None, style: str | None) -> RegionRoute:
+        w = self.own_weights(expert, style)
+        if w is None:
+            return RegionRoute.gate()
+        return RegionRoute.prior((1.0 - self.global_region_bias) + self.global_region_bias * w)
+
+    # -- passes ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def enter(self, kind: str, region_index: int | None, regions: Sequence[Any], masks: torch.Tensor | None
+              ) -> Iterator[PassInfo]:
+        """Announce a pass. ``regions``: objects with ``expert`` and ``style``; ``masks``: ``[R, H, W]``
+        latent masks (needed for global passes)."""
+        if kind == "local" and region_index is None:
+            kind = "background"
+        if kind == "local":
+            spec = regions[region_index]
+            info = PassInfo(kind, region_index, (self.own_route(spec.expert, spec.style),), None)
+        elif kind == "global" and regions and masks is not None:
+            routes = tuple(self.global_route(r.expert, r.style) for r in regions)
+            strongest, which = masks.max(dim=0)
+            region_map = torch.where(strongest > 0.5, which, torch.full_like(which, -1))
+            info = PassInfo(kind, None, routes, region_map)
+        else:
+            info = PassInfo("background" if kind == "local" else kind, None, (), None)
+        token = _PASS.set(info)
+        try:
+            yield info
+        finally:
+            _PASS.reset(token)
+
+    @staticmethod
+    def current_pass() -> PassInfo | None:
+        return _PASS.get()
+
+    def context_for(self, batch_size: int, cond_or_uncond: Sequence[int] | None, sigma: torch.Tensor | None,
+                    latent_hw: tuple[int, int]) -> RoutingContext:
+        """The routing context of one diffusion-model call of ``batch_size`` rows on a ``latent_hw`` latent.
+
+        ``cond_or_uncond``: ComfyUI's per-chunk flags (0 cond, 1 uncond); rows are split evenly among chunks.
+        """
+        is_uncond = None
+        if cond_or_uncond:
+            per_chunk = max(1, batch_size // len(cond_or_uncond))
+            is_uncond = [bool(flag == 1) for flag in cond_or_uncond for _ in range(per_chunk)][:batch_size]
+            if len(is_uncond) != batch_size:
+                is_uncond = None
+        info = _PASS.get()
+        common = {"is_uncond": is_uncond, "uncond_policy": self.uncond_policy, "sigma": sigma}
+        if info is None or info.kind == "background" or not info.routes:
+            return RoutingContext.gate_only(batch_size, **common)
+        if info.kind == "local":
+            return RoutingContext(batch_size, routes=info.routes, row_region=[0] * batch_size, **common)
+        region_map = info.region_map
+        if region_map is not None and tuple(region_map.shape) != tuple(latent_hw):
+            region_map = None  # a call on another grid (should not happen); fall back to the gate
+        if region_map is None:
+            return RoutingContext.gate_only(batch_size, **common)
+        return RoutingContext(batch_size, routes=info.routes, region_map=region_map, **common)

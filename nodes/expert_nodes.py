@@ -1,0 +1,326 @@
+"""ExpertStackLoader, LoRAExpertLoader and GatedMoEPatch: SDXL experts behind sigmoid gates.
+
+The stack nodes only record which files make the portfolio (cheap, chainable); GatedMoEPatch reads the
+MoE-site weights, checks them against the incoming model and patches a clone of it. The incoming
+model is never modified: every change is an object patch or wrapper on the clone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+
+import comfy.lora
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..mepg_core.experts import ExpertSpec, default_style_tags, load_expert_stack
+from ..mepg_core.gate_files import load_gate_file
+from ..mepg_core.gating import GateOptions, GateSet, MoERuntime, build_moe_modules
+from ..mepg_core.moe_routing import MoERouting
+from .types import CATEGORY, ExpertStackType
+
+log = logging.getLogger("mepg")
+
+GATE_FOLDER = "mepg_gates"
+ATTACHMENT = "mepg_moe"
+WRAPPER_KEY = "mepg_moe_routing"
+ADDITIONAL_MODELS_KEY = "mepg_experts"
+GATE_MODES = ("uniform", "forced", "trained")
+
+
+def register_gate_folder() -> None:
+    """Trained gates live in ``models/mepg_gates`` (``.safetensors`` only)."""
+    folder_paths.add_model_folder_path(GATE_FOLDER, os.path.join(folder_paths.models_dir, GATE_FOLDER))
+    paths, _ = folder_paths.folder_names_and_paths[GATE_FOLDER]
+    folder_paths.folder_names_and_paths[GATE_FOLDER] = (paths, {".safetensors"})
+
+
+register_gate_folder()
+
+
+@dataclass(frozen=True)
+class PortfolioEntry:
+    kind: str  # "checkpoint" | "lora"
+    path: str
+    name: str
+    tags: tuple[str, ...]
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class Portfolio:
+    """The experts a user stacked, in order (the incoming model's own weights may be prepended)."""
+
+    entries: tuple[PortfolioEntry, ...] = ()
+
+    def add(self, entry: PortfolioEntry) -> Portfolio:
+        names = [e.name.lower() for e in self.entries]
+        if entry.name.lower() in names or entry.name.lower() == "base":
+            raise ValueError(f"an expert named {entry.name!r} is already in the stack (names must be unique; "
+                             "'base' is reserved for the model's own weights)")
+        return replace(self, entries=self.entries + (entry,))
+
+    def specs(self, base: ExpertSpec) -> list[ExpertSpec]:
+        out = []
+        for e in self.entries:
+            if e.kind == "checkpoint":
+                out.append(ExpertSpec.checkpoint(e.path, name=e.name, tags=list(e.tags)))
+            else:
+                out.append(ExpertSpec.lora(e.path, base, strength=e.strength, name=e.name, tags=list(e.tags)))
+        return out
+
+
+def parse_tags(text: str, file_name: str) -> tuple[str, ...]:
+    tags = tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    return tags or tuple(default_style_tags(file_name))
+
+
+def expert_name(name: str, file_name: str) -> str:
+    name = name.strip()
+    return name or os.path.splitext(os.path.basename(file_name))[0]
+
+
+def safetensors_files(folder: str) -> list[str]:
+    return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(".safetensors")]
+
+
+class ExpertStackLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MEPG_ExpertStackLoader",
+            display_name="Expert Stack Loader (MEPG)",
+            category=f"{CATEGORY}/experts",
+            description=(
+                "Adds an SDXL checkpoint to the expert portfolio. Only its attention q/k/v and feed-forward "
+                "weights are used (read when the Gated MoE Patch runs); chain several loaders to stack any "
+                "number of experts. Style tags let regions with that style pick this expert."
+            ),
+            inputs=[
+                io.Combo.Input("ckpt_name", options=safetensors_files("checkpoints"),
+                               tooltip="An SDXL checkpoint (.safetensors) from models/checkpoints."),
+                io.String.Input("name", default="", tooltip="The expert's name (default: the file name). "
+                                                            "Layouts force an expert by this name."),
+                io.String.Input("style_tags", default="",
+                                tooltip="Comma-separated styles this expert is good at (e.g. 'anime, cartoon'); "
+                                        "default: guessed from the file name."),
+                ExpertStackType.Input("expert_stack", optional=True, tooltip="Experts stacked so far."),
+            ],
+            outputs=[ExpertStackType.Output("stack", display_name="expert_stack",
+                                            tooltip="The portfolio with this expert appended.")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str, name: str, style_tags: str, expert_stack=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        entry = PortfolioEntry("checkpoint", path, expert_name(name, ckpt_name), parse_tags(style_tags, ckpt_name))
+        return io.NodeOutput((expert_stack or Portfolio()).add(entry))
+
+
+class LoRAExpertLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MEPG_LoRAExpertLoader",
+            display_name="LoRA Expert Loader (MEPG)",
+            category=f"{CATEGORY}/experts",
+            description=(
+                "Adds an expert made of the patched model's own weights plus a LoRA (a style LoRA is a cheap "
+                "expert). Sites the LoRA does not touch equal the base."
+            ),
+            inputs=[
+                io.Combo.Input("lora_name", options=safetensors_files("loras"),
+                               tooltip="A LoRA for the SDXL base (.safetensors) from models/loras."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="LoRA strength in this expert."),
+                io.String.Input("name", default="", tooltip="The expert's name (default: the file name)."),
+                io.String.Input("style_tags", default="", tooltip="Comma-separated styles (default: from the name)."),
+                ExpertStackType.Input("expert_stack", optional=True, tooltip="Experts stacked so far."),
+            ],
+            outputs=[ExpertStackType.Output("stack", display_name="expert_stack",
+                                            tooltip="The portfolio with this expert appended.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str, strength: float, name: str, style_tags: str, expert_stack=None
+                ) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        entry = PortfolioEntry("lora", path, expert_name(name, lora_name), parse_tags(style_tags, lora_name),
+                               float(strength))
+        return io.NodeOutput((expert_stack or Portfolio()).add(entry))
+
+
+def release_shared_weights(model) -> None:
+    """Unload every loaded patcher that shares ``model``'s weights, so the module tree and weights are the
+    originals again (ComfyUI applies object and weight patches in place while a clone is loaded)."""
+    loaded = comfy.model_management.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        patcher = loaded[i].model
+        if patcher is not None and patcher.model is model.model:
+            loaded[i].model_unload()
+            loaded.pop(i)
+
+
+def current_site_weights(model, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The model's weights at ``keys`` (``diffusion_model.*``) as it would run them: the original weights
+    plus this patcher's own weight patches (LoRAs applied before the MoE patch). Call
+    :func:`release_shared_weights` first."""
+    state = model.model.state_dict()
+    out = {}
+    for key in keys:
+        weight = state[key].detach().to("cpu", torch.float32).clone()
+        if key in model.patches:
+            weight = comfy.lora.calculate_weight(model.patches[key], weight, key)
+        out[key] = weight
+    return out
+
+
+def make_routing_wrapper(runtime: MoERuntime, routing: MoERouting):
+    """A DIFFUSION_MODEL wrapper (a plain closure: ComfyUI deep-copies model options on clone)."""
+
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        ctx = routing.context_for(x.shape[0], transformer_options.get("cond_or_uncond"),
+                                  transformer_options.get("sigmas"), tuple(x.shape[-2:]))
+        with runtime.activate(ctx):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class MoEAttachment:
+    """What a patched model carries for the sampler (routing) and for tools (the stack, its modules)."""
+
+    routing: MoERouting
+    runtime: MoERuntime
+    modules: torch.nn.Module
+    stack: object
+
+    def on_model_patcher_clone(self):
+        return self
+
+
+class GatedMoEPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MEPG_GatedMoEPatch",
+            display_name="Gated MoE Patch (MEPG)",
+            category=f"{CATEGORY}/experts",
+            description=(
+                "Replaces every attention q/k/v projection and feed-forward block of the SDXL UNet (on a clone) "
+                "by a mixture of the same modules from each expert, weighted by sigmoid gates: "
+                "y = sum_i w_i * Expert_i(x). Other weights stay the model's own; the input model is unchanged."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SDXL model to patch (LoRAs applied before are kept)."),
+                ExpertStackType.Input("expert_stack", tooltip="The expert portfolio."),
+                io.Boolean.Input("include_base", default=True,
+                                 tooltip="Use the model's own weights as expert 0, named 'base'."),
+                io.Combo.Input("gate_mode", options=list(GATE_MODES), default="uniform",
+                               tooltip="uniform: every expert weighted equally (training-free); forced: one "
+                                       "expert everywhere; trained: gates from a gate file. Regions with a "
+                                       "style or a forced expert are routed on top of this by the MEPG sampler."),
+                io.Combo.Input("gate_file", options=["none", *safetensors_files(GATE_FOLDER)],
+                               tooltip="Trained gates (models/mepg_gates) for gate_mode 'trained'; must have "
+                                       "been trained for this exact expert stack."),
+                io.String.Input("forced_expert", default="",
+                                tooltip="For gate_mode 'forced': the expert's name (or a style tag it alone has)."),
+                io.Int.Input("top_k", default=0, min=0, max=64,
+                             tooltip="Keep only the k strongest experts per token (0 = all). Fewer active "
+                                     "experts cost less for the feed-forward blocks."),
+                io.Boolean.Input("normalise", default=True,
+                                 tooltip="Divide the sigmoid weights by their sum, so the mixture is an average."),
+                io.Float.Input("temperature", default=1.0, min=0.05, max=20.0, step=0.05,
+                               tooltip="Gate temperature: below 1 sharpens, above 1 softens the routing."),
+                io.Float.Input("global_region_bias", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="In global steps, how strongly a region's own expert is favoured "
+                                       "for the tokens inside it (0 = the gate alone)."),
+            ],
+            outputs=[io.Model.Output("patched_model", display_name="model",
+                                     tooltip="A patched clone; use it with the Cross-Denoise KSampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, expert_stack, include_base, gate_mode, gate_file, forced_expert, top_k, normalise,
+                temperature, global_region_bias) -> io.NodeOutput:
+        if model.get_attachment(ATTACHMENT) is not None:
+            raise ValueError("MEPG Gated MoE Patch: this model is already MoE-patched; connect the model from "
+                             "before the first Gated MoE Patch")
+        release_shared_weights(model)
+        diffusion = model.get_model_object("diffusion_model")
+        reference = {k: v.shape for k, v in diffusion.state_dict().items()}
+        dtype = model.model_dtype()
+
+        specs = []
+        portfolio: Portfolio = expert_stack or Portfolio()
+        base_tensors = None
+        if include_base or any(e.kind == "lora" for e in portfolio.entries):
+            site_keys = [f"diffusion_model.{k}" for k in _site_keys(reference)]
+            base_tensors = current_site_weights(model, site_keys)
+        base_spec = ExpertSpec.from_tensors("base", base_tensors, tags=["base"]) if base_tensors else None
+        if include_base:
+            specs.append(base_spec)
+        specs += portfolio.specs(base_spec)
+        if not specs:
+            raise ValueError("MEPG Gated MoE Patch: the expert stack is empty (add an expert or enable include_base)")
+        try:
+            stack = load_expert_stack(specs, dtype=dtype, reference=reference)
+            options = GateOptions(temperature=float(temperature), top_k=int(top_k) or None, normalise=bool(normalise))
+            gates = cls.gates(gate_mode, gate_file, forced_expert, stack)
+        except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
+            raise ValueError(f"MEPG Gated MoE Patch: {exc}") from None
+
+        runtime = MoERuntime(options)
+        modules = build_moe_modules(stack, gates, runtime)
+        routing = MoERouting(stack, global_region_bias=float(global_region_bias))
+
+        patched = model.clone()
+        # Patch each site's forward, not the module: the original modules stay in the tree, so ComfyUI's
+        # weight patching and bookkeeping of the base (and of LoRAs applied to it) work as usual.
+        for path, module in modules.object_patches():
+            patched.add_object_patch(f"{path}.forward", module.forward)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     make_routing_wrapper(runtime, routing))
+        patched.set_attachments(ATTACHMENT, MoEAttachment(routing, runtime, modules, stack))
+        # The expert weights are a model of their own for ComfyUI's memory manager (loaded and offloaded
+        # with the patched model, counted in its memory plan).
+        patched.set_additional_models(ADDITIONAL_MODELS_KEY, [comfy.model_patcher.ModelPatcher(
+            modules, load_device=model.load_device, offload_device=model.offload_device)])
+        log.info("MEPG: patched %d MoE sites with %d experts (%s), %.1f MB of expert weights",
+                 len(stack.sites), stack.num_experts, ", ".join(e.name for e in stack.experts), stack.nbytes / 2**20)
+        return io.NodeOutput(patched)
+
+    @staticmethod
+    def gates(mode: str, gate_file: str, forced_expert: str, stack) -> GateSet:
+        n = stack.num_experts
+        if mode == "uniform":
+            return GateSet.uniform(n)
+        if mode == "forced":
+            if not forced_expert.strip():
+                raise ValueError("gate_mode 'forced' needs forced_expert (an expert name)")
+            return GateSet.forced(n, stack.expert_index(forced_expert.strip()))
+        if mode == "trained":
+            if gate_file == "none":
+                raise ValueError("gate_mode 'trained' needs a gate_file")
+            return load_gate_file(folder_paths.get_full_path_or_raise(GATE_FOLDER, gate_file), stack).gates
+        raise ValueError(f"unknown gate_mode {mode!r}; choose one of {', '.join(GATE_MODES)}")
+
+
+def _site_keys(reference) -> list[str]:
+    from ..mepg_core.experts import discover_sites
+
+    keys = []
+    for site in discover_sites(reference):
+        keys.append(f"{site.path}.weight")
+        if site.has_bias:
+            keys.append(f"{site.path}.bias")
+    return keys
+
+

@@ -1,0 +1,134 @@
+"""``make bench``: measured ratios against plain ComfyUI sampling, side by side in one run.
+
+    python scripts/bench.py [--only cross_denoise ...] [--steps N] [--size PX]
+
+Writes ``bench-results/<name>.json``. Not a test: the figures depend on the machine; the ratios are
+what matter, and both sides of each ratio are measured in the same process, one after the other.
+
+The model is SDXL-architecture with seeded random weights (no real weights ship), scaled down so a
+run fits a 2-core CPU while one sampling step still takes well over 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+
+import inprocess  # noqa: E402
+
+RESULTS = ROOT / "bench-results"
+BASE = ROOT / ".host" / "bench-base"
+
+# SDXL's layout (3 levels, transformers at levels 2-3 and the middle, context 2048, ADM 2816), fewer channels.
+BENCH_UNET = {
+    "model_channels": 64, "channel_mult": [1, 2, 4], "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [0, 1, 2], "transformer_depth_output": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": 2,
+}
+BENCH_REGIONS = [  # three regions covering 53 % of the canvas, no overlap
+    {"label": "dog", "prompt": "a brown dog", "box": [50, 100, 450, 600]},
+    {"label": "kite", "prompt": "a red kite", "box": [500, 50, 950, 450]},
+    {"label": "bench", "prompt": "a wooden bench", "box": [300, 650, 800, 950]},
+]
+
+
+def bench_model():
+    """A ModelPatcher around a random-weight SDXL-architecture UNet (``BENCH_UNET``)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import make_tiny_models
+    from mepg_tiny_models.tiny_sdxl import TINY_UNET_CONFIG, TinySDXL
+
+    config = {**TINY_UNET_CONFIG, **BENCH_UNET}
+    model = TinySDXL(config).get_model({})
+    model.diffusion_model.load_state_dict(make_tiny_models._fill(model.diffusion_model.state_dict(), 0))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device()), config
+
+
+def random_cond(seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def bench_cross_denoise(steps: int, size: int) -> dict:
+    import torch
+
+    nodes = inprocess.load_pack(BASE, with_tiny_models=True)
+    cdn = inprocess.pack_module("nodes.cross_denoise_nodes")
+    layout_mod = inprocess.pack_module("mepg_core.layout")
+    regions_mod = inprocess.pack_module("mepg_core.regions")
+
+    model, config = bench_model()
+    positive, negative = random_cond(1), random_cond(2)
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+
+    def region_set(regions):
+        layout = layout_mod.parse_layout({"version": 1, "global_prompt": "g", "regions": regions})[0]
+        rs = regions_mod.build_region_set(layout, size, size)
+        for i, spec in enumerate(rs.regions):
+            spec.conditioning = random_cond(10 + i)
+        return rs
+
+    settings = cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, 32)
+
+    def plain():
+        return nodes.common_ksampler(model, 7, steps, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+    def mepg(rs):
+        return cdn.run_cross_denoise(model, 7, steps, 5.0, "euler", "normal", positive, negative, latent, rs,
+                                     settings, 1.0)
+
+    three = region_set(BENCH_REGIONS)
+    plain()  # warm-up: first call pays one-time costs on both sides
+    ref, plain_s = timed(plain)
+    _, mepg_s = timed(lambda: mepg(three))
+    full = region_set([{"label": "all", "prompt": "g", "box": [0, 0, 1000, 1000]}])
+    full.regions[0].conditioning = positive
+    same, _ = timed(lambda: mepg(full))
+    coverage = float(sum((r["box"][2] - r["box"][0]) * (r["box"][3] - r["box"][1]) for r in BENCH_REGIONS) / 1e6)
+    return {
+        "regions": len(BENCH_REGIONS), "coverage": round(coverage, 4), "p1": settings.p1,
+        "interleave": settings.interleave, "context_margin_px": 32, "steps": steps, "size_px": size,
+        "plain_s": round(plain_s, 3), "mepg_s": round(mepg_s, 3), "ratio": round(mepg_s / plain_s, 3),
+        "max_abs_err_full_canvas_region": float((same - ref).abs().max()),
+        "step_s_plain": round(plain_s / steps, 4), "config": config, "goal": "ratio <= 1.60",
+    }
+
+
+BENCHES = {"cross_denoise": bench_cross_denoise}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    a = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    for name in a.only or sorted(BENCHES):
+        result = BENCHES[name](a.steps, a.size)
+        result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
+        path = RESULTS / f"{name}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'config'})}")
+        print(f"  -> {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The cross-denoise schedule and fusion, checked against direct computations with fake denoisers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mepg_core import cross_denoise as cd
+from mepg_core.layout import Layout, Region
+from mepg_core.regions import build_region_set
+
+
+def settings(**kw):
+    return cd.CrossDenoiseSettings(**{"p1": 0.7, "interleave": 0, **kw})
+
+
+def test_stage_follows_the_papers_rule():
+    plan = cd.stage_plan(50, settings())
+    assert plan[:35] == ["local"] * 35 and plan[35:] == ["global"] * 15
+    assert cd.stage_plan(10, settings(p1=0.5)) == ["local"] * 5 + ["global"] * 5
+    assert cd.stage_plan(7, settings(p1=0.0)) == ["global"] * 7
+    assert cd.stage_plan(7, settings(p1=1.0)) == ["local"] * 7
+
+
+def test_interleave_inserts_global_steps_in_the_local_phase():
+    plan = cd.stage_plan(12, settings(p1=0.75, interleave=3))
+    assert plan == ["local", "local", "global"] * 3 + ["global"] * 3
+
+
+def test_alpha_ramps_linearly_over_local_steps():
+    s = settings(p1=0.5, alpha_start=1.0, alpha_end=0.5)
+    alphas = [cd.local_alpha(i, 10, s) for i in range(5)]
+    assert alphas == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5])
+
+
+@pytest.mark.parametrize("bad", [dict(p1=1.5), dict(interleave=-1), dict(alpha_start=2.0), dict(align=0)])
+def test_bad_settings(bad):
+    with pytest.raises(ValueError, match="cross-denoise settings"):
+        cd.CrossDenoiseSettings(**bad).validate()
+
+
+def test_step_index_maps_intermediate_sigmas_to_their_step():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.5, 0.0])
+    got = [cd.step_index(s, sigmas) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.1)]
+    assert got == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("box,size,expected", [
+    ((10, 10, 20, 20), (125, 75), (0, 0, 32, 32)),
+    ((0, 0, 125, 75), (125, 75), (0, 0, 125, 75)),
+    ((100, 60, 125, 75), (125, 75), (85, 51, 125, 75)),
+    ((40, 30, 50, 40), (128, 128), (29, 19, 61, 51)),
+])
+def test_windows_grow_by_margin_and_align(box, size, expected):
+    win = cd.window_for_box(box, size[0], size[1], margin=8, align=8)
+    assert win == expected
+    x1, y1, x2, y2 = win
+    assert x1 <= box[0] and y1 <= box[1] and x2 >= box[2] and y2 >= box[3]
+
+
+def region_set(feather=0.0, size=(256, 192)):
+    layout = Layout("g", (Region("a", "a", (50, 100, 450, 900)), Region("b", "b", (400, 50, 950, 500))))
+    return build_region_set(layout, *size, feather_px=feather)
+
+
+def test_plan_windows_contain_feathered_masks_and_visibility_isolates_regions():
+    rs = region_set(feather=24.0)
+    plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(context_margin=1), 10)
+    for i, (x1, y1, x2, y2) in enumerate(plan.windows):
+        outside = plan.masks[i].clone()
+        outside[y1:y2, x1:x2] = 0
+        assert outside.sum() == 0
+        assert torch.equal(plan.masks[i], rs.latent_masks()[i])  # window grew to hold the whole feather
+    # each pass sees the latent only where no other region has weight
+    support = plan.masks > 0
+    assert not (plan.visible[0] & support[1]).any() and not (plan.visible[1] & support[0]).any()
+    assert torch.equal(plan.visible[2], ~support.any(0))
+
+
+def test_fusion_weights_sum_to_one_and_follow_alpha():
+    rs = region_set(feather=16.0)
+    plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(), 10)
+    for alpha in (1.0, 0.6):
+        w, bg = cd.fusion_weights(plan, alpha)
+        assert torch.allclose(w.sum(0) + bg, torch.ones_like(bg), atol=1e-6)
+        assert torch.allclose(w, plan.masks * alpha, atol=1e-6)  # no overlap above 1 here
+
+
+def test_fusion_renormalises_overlapping_regions():
+    masks = torch.ones(2, 8, 8)
+    plan = cd.make_local_plan(masks, [(0, 0, 8, 8)] * 2, settings(), 4)
+    w, bg = cd.fusion_weights(plan, 1.0)
+    assert torch.allclose(w, torch.full_like(w, 0.5)) and bg.abs().max() == 0
+
+
+def test_local_step_fuses_window_predictions_exactly():
+    rs = region_set(feather=16.0)
+    plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(), 10)
+    x = torch.randn(2, 4, 24, 32)
+    x_ref = torch.randn(2, 4, 24, 32)
+    seen = {}
+
+    def denoise(i, x_in):
+        seen[i] = x_in.clone()
+        return torch.full_like(x_in, float(i + 1))  # region a -> 1, region b -> 2, background -> 3
+
+    out = cd.local_step(x, x_ref, plan, 0.8, denoise)
+    w, bg = cd.fusion_weights(plan, 0.8)
+    expected = (w[0] * 1 + w[1] * 2 + bg * 3).expand_as(out)
+    assert torch.allclose(out, expected, atol=1e-6)
+    # each pass got its window crop, showing x where visible and the reference elsewhere
+    for i, (x1, y1, x2, y2) in enumerate(plan.windows):
+        composed = torch.where(plan.visible[i], x, x_ref)[..., y1:y2, x1:x2]
+        assert torch.equal(seen[i], composed)
+    assert torch.equal(seen[2], torch.where(plan.visible[2], x, x_ref))
+
+
+def test_local_step_skips_passes_without_weight():
+    masks = torch.ones(1, 8, 8)
+    plan = cd.make_local_plan(masks, [(0, 0, 8, 8)], settings(), 4)
+    calls = []
+    cd.local_step(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), plan, 1.0,
+                  lambda i, x: calls.append(i) or x)
+    assert calls == [0]  # the background has no weight anywhere
