@@ -105,6 +105,16 @@ class MoERouting:
         finally:
             _PASS.reset(token)
 
+    @contextlib.contextmanager
+    def fixed_regions(self, region_map: torch.Tensor, routes: Sequence[RegionRoute]) -> Iterator[PassInfo]:
+        """Route every call inside the block by ``region_map`` (``[H, W]`` long, -1 = gate) and ``routes``,
+        e.g. to run a plain sampler with region-routed experts."""
+        token = _PASS.set(PassInfo("global", None, tuple(routes), region_map))
+        try:
+            yield _PASS.get()
+        finally:
+            _PASS.reset(token)
+
     @staticmethod
     def current_pass() -> PassInfo | None:
         return _PASS.get()

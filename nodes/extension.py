@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .cross_denoise_nodes import CrossDenoiseGuiderNode, CrossDenoiseKSampler
 from .expert_nodes import ExpertStackLoader, GatedMoEPatch, LoRAExpertLoader
 from .layout_nodes import LayoutFromJSON
+from .planner_nodes import LLMLayoutPlanner
 from .region_nodes import RegionMaskBuilder
 
 
@@ -13,4 +14,5 @@ class MEPGExtension(ComfyExtension):
         return [
             LayoutFromJSON, RegionMaskBuilder, ExpertStackLoader, LoRAExpertLoader, GatedMoEPatch,
             CrossDenoiseKSampler, CrossDenoiseGuiderNode,
+            LLMLayoutPlanner,
         ]

@@ -110,7 +110,109 @@ def bench_cross_denoise(steps: int, size: int) -> dict:
     }
 
 
-BENCHES = {"cross_denoise": bench_cross_denoise}
+def write_bench_experts(model, names: list[str]) -> list[str]:
+    """Expert checkpoints for the bench model: its MoE-site weights re-drawn with another seed each
+    (only site tensors are stored; that is all an expert stack reads)."""
+    import make_tiny_models
+    from safetensors.torch import save_file
+
+    base = {f"model.diffusion_model.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
+    folder = BASE / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, name in enumerate(names, start=1):
+        path = folder / f"bench_expert_{name}.safetensors"
+        if not path.exists():
+            expert = make_tiny_models.expert_unet_state_dict(base, 5000 + i)
+            sites = {k: v.contiguous() for k, v in expert.items() if make_tiny_models.MOE_SITE.search(k)}
+            save_file(sites, str(path))
+        files.append(path.name)
+    import folder_paths
+
+    folder_paths.filename_list_cache.clear()
+    return files
+
+
+def bench_moe(steps: int, size: int) -> dict:
+    import torch
+
+    nodes = inprocess.load_pack(BASE, with_tiny_models=True)
+    import comfy.model_management as mm
+    expert_nodes = inprocess.pack_module("nodes.expert_nodes")
+    gating = inprocess.pack_module("mepg_core.gating")
+    gate_files = inprocess.pack_module("mepg_core.gate_files")
+    import folder_paths
+
+    model, config = bench_model()
+    positive, negative = random_cond(1), random_cond(2)
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+    names = ["photo", "anime", "painting"]
+    files = write_bench_experts(model, names)
+
+    def portfolio(count):
+        stack = None
+        for name, file in list(zip(names, files))[:count]:
+            stack = nodes.NODE_CLASS_MAPPINGS["MEPG_ExpertStackLoader"].execute(file, name, name,
+                                                                              expert_stack=stack).args[0]
+        return stack
+
+    def patch(stack, **kw):
+        args = dict(include_base=True, gate_mode="uniform", gate_file="none", forced_expert="", top_k=0,
+                    normalise=True, temperature=1.0, global_region_bias=0.5)
+        args.update(kw)
+        return nodes.NODE_CLASS_MAPPINGS["MEPG_GatedMoEPatch"].execute(model, stack, **args).args[0]
+
+    def run(m):
+        return nodes.common_ksampler(m, 7, steps, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+    # A token-dependent gate (random linear rows, as an untrained gate would be) makes routing truly dense.
+    uniform4 = patch(portfolio(3))
+    stack4 = uniform4.get_attachment(expert_nodes.ATTACHMENT).stack
+    gate_path = f"{folder_paths.get_folder_paths('mepg_gates')[0]}/bench_random_gate.safetensors"
+    gate_files.save_gate_file(gate_path, gating.GateSet.random(stack4, std=0.05, seed=3), stack4,
+                              gating.GateOptions())
+    folder_paths.filename_list_cache.clear()
+    dense = patch(portfolio(3), gate_mode="trained", gate_file="bench_random_gate.safetensors")
+    top1 = patch(portfolio(3), gate_mode="trained", gate_file="bench_random_gate.safetensors", top_k=1)
+    only_base = patch(None)
+
+    run(model)  # warm-up
+    ref, plain_s = timed(lambda: run(model))
+    _, dense_s = timed(lambda: run(dense))
+    # Region-routed top-1: four quadrant regions, each forced to one expert (constant routing per region).
+    routing = top1.get_attachment(expert_nodes.ATTACHMENT).routing
+    h, w = size // 8, size // 8
+    region_map = torch.zeros(h, w, dtype=torch.long)
+    region_map[: h // 2, w // 2:] = 1
+    region_map[h // 2:, : w // 2] = 2
+    region_map[h // 2:, w // 2:] = 3
+    routes = [gating.RegionRoute.forced(i) for i in range(4)]
+
+    def region_run():
+        with routing.fixed_regions(region_map, routes):
+            return run(top1)
+
+    run(top1)  # warm-up of the patched path
+    _, region_s = timed(region_run)
+    single = run(only_base)
+
+    def module_bytes(m):
+        return mm.module_size(m.get_attachment(expert_nodes.ATTACHMENT).modules)
+
+    three = patch(portfolio(2))
+    extra = module_bytes(uniform4) - module_bytes(three)
+    return {
+        "experts": stack4.num_experts, "steps": steps, "size_px": size,
+        "plain_s": round(plain_s, 3), "dense_s": round(dense_s, 3), "region_top1_s": round(region_s, 3),
+        "ratio_dense": round(dense_s / plain_s, 3), "ratio_region_top1": round(region_s / plain_s, 3),
+        "max_abs_err_single_expert": float((single - ref).abs().max()),
+        "bytes_per_extra_expert": int(extra), "moe_site_bytes_per_expert": int(stack4.site_bytes_per_expert),
+        "step_s_plain": round(plain_s / steps, 4), "config": config,
+        "goals": "ratio_region_top1 <= 1.30, ratio_dense <= 3.0, bytes_per_extra_expert <= 1.05 x site bytes",
+    }
+
+
+BENCHES = {"cross_denoise": bench_cross_denoise, "moe": bench_moe}
 
 
 def main() -> int:

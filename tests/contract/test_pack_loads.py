@@ -11,7 +11,7 @@ import pytest
 SNAPSHOT = Path(__file__).with_name("node_schema_snapshot.json")
 PACK_NODES = {
     "MEPG_LayoutFromJSON", "MEPG_RegionMaskBuilder", "MEPG_ExpertStackLoader", "MEPG_LoRAExpertLoader",
-    "MEPG_GatedMoEPatch", "MEPG_CrossDenoiseKSampler", "MEPG_CrossDenoiseGuider",
+    "MEPG_GatedMoEPatch", "MEPG_CrossDenoiseKSampler", "MEPG_CrossDenoiseGuider", "MEPG_LLMLayoutPlanner",
 }
 
 
