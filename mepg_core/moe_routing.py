@@ -44,13 +44,19 @@ class PassInfo:
 class MoERouting:
     """Routing policy of one patched model (one expert stack)."""
 
-    def __init__(self, stack: ExpertStack, global_region_bias: float = 0.5, uncond_policy: str = "same"):
+    def __init__(self, stack: ExpertStack, global_region_bias: float = 0.5, uncond_policy: str = "same",
+                 uses_sigma: bool = False):
+        """``uses_sigma``: whether the gates take the noise level as input. When they do not, routing
+        contexts carry no sigma and are reused across calls (token groups are then computed once per pass
+        kind and latent size instead of at every model call)."""
         if not 0.0 <= global_region_bias <= 1.0:
             raise ValueError(f"global_region_bias must be in [0, 1], got {global_region_bias}")
         self.stack = stack
         self.global_region_bias = float(global_region_bias)
         self.uncond_policy = uncond_policy
-        self.usage: dict[str, torch.Tensor] = {}
+        self.uses_sigma = bool(uses_sigma)
+        self._contexts: dict[tuple, tuple[RoutingContext, torch.Tensor | None]] = {}
+        self._region_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- per region ------------------------------------------------------------------------------------
     def own_weights(self, expert: str | None, style: str | None) -> torch.Tensor | None:
@@ -94,9 +100,7 @@ class MoERouting:
             info = PassInfo(kind, region_index, (self.own_route(spec.expert, spec.style),), None)
         elif kind == "global" and regions and masks is not None:
             routes = tuple(self.global_route(r.expert, r.style) for r in regions)
-            strongest, which = masks.max(dim=0)
-            region_map = torch.where(strongest > 0.5, which, torch.full_like(which, -1))
-            info = PassInfo(kind, None, routes, region_map)
+            info = PassInfo(kind, None, routes, self._region_map(masks))
         else:
             info = PassInfo("background" if kind == "local" else kind, None, (), None)
         token = _PASS.set(info)
@@ -104,6 +108,18 @@ class MoERouting:
             yield info
         finally:
             _PASS.reset(token)
+
+    def _region_map(self, masks: torch.Tensor) -> torch.Tensor:
+        """``[H, W]`` region index per latent cell (-1 outside), cached per masks tensor of a sampling run."""
+        cached = self._region_maps.get(id(masks))
+        if cached is not None and cached[0] is masks:
+            return cached[1]
+        strongest, which = masks.max(dim=0)
+        region_map = torch.where(strongest > 0.5, which, torch.full_like(which, -1))
+        if len(self._region_maps) > 8:
+            self._region_maps.clear()
+        self._region_maps[id(masks)] = (masks, region_map)
+        return region_map
 
     @contextlib.contextmanager
     def fixed_regions(self, region_map: torch.Tensor, routes: Sequence[RegionRoute]) -> Iterator[PassInfo]:
@@ -132,6 +148,23 @@ class MoERouting:
             if len(is_uncond) != batch_size:
                 is_uncond = None
         info = _PASS.get()
+        key = None
+        if not self.uses_sigma:
+            sigma = None
+            key = (None if info is None else (info.kind, info.region_index, info.routes, id(info.region_map)),
+                   batch_size, None if is_uncond is None else tuple(is_uncond), tuple(latent_hw))
+            cached = self._contexts.get(key)
+            region_map = None if info is None else info.region_map
+            if cached is not None and cached[1] is region_map:  # identity guards against a reused id()
+                return cached[0]
+        context = self._build_context(info, batch_size, is_uncond, sigma, latent_hw)
+        if key is not None:
+            if len(self._contexts) > 64:
+                self._contexts.clear()
+            self._contexts[key] = (context, None if info is None else info.region_map)
+        return context
+
+    def _build_context(self, info: PassInfo | None, batch_size: int, is_uncond, sigma, latent_hw) -> RoutingContext:
         common = {"is_uncond": is_uncond, "uncond_policy": self.uncond_policy, "sigma": sigma}
         if info is None or info.kind == "background" or not info.routes:
             return RoutingContext.gate_only(batch_size, **common)

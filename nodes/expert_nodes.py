@@ -21,7 +21,7 @@ from comfy_api.latest import io
 
 from ..mepg_core.experts import ExpertSpec, default_style_tags, load_expert_stack
 from ..mepg_core.gate_files import load_gate_file
-from ..mepg_core.gating import GateOptions, GateSet, MoERuntime, build_moe_modules
+from ..mepg_core.gating import GateOptions, GateSet, InputMeanRecorder, MoERuntime, RoutingContext, build_moe_modules
 from ..mepg_core.moe_routing import MoERouting
 from .types import CATEGORY, ExpertStackType
 
@@ -31,7 +31,8 @@ GATE_FOLDER = "mepg_gates"
 ATTACHMENT = "mepg_moe"
 WRAPPER_KEY = "mepg_moe_routing"
 ADDITIONAL_MODELS_KEY = "mepg_experts"
-GATE_MODES = ("uniform", "forced", "trained")
+GATE_MODES = ("uniform", "forced", "trained", "style_centroid")
+CALIBRATION_SIZE = 64  # latent cells per side of the calibration input (512 px)
 
 
 def register_gate_folder() -> None:
@@ -225,7 +226,9 @@ class GatedMoEPatch(io.ComfyNode):
                                  tooltip="Use the model's own weights as expert 0, named 'base'."),
                 io.Combo.Input("gate_mode", options=list(GATE_MODES), default="uniform",
                                tooltip="uniform: every expert weighted equally (training-free); forced: one "
-                                       "expert everywhere; trained: gates from a gate file. Regions with a "
+                                       "expert everywhere; trained: gates from a gate file; style_centroid: "
+                                       "training-free gates that send tokens to the expert whose own style "
+                                       "prompt produces the most similar features (needs a CLIP). Regions with a "
                                        "style or a forced expert are routed on top of this by the MEPG sampler."),
                 io.Combo.Input("gate_file", options=["none", *safetensors_files(GATE_FOLDER)],
                                tooltip="Trained gates (models/mepg_gates) for gate_mode 'trained'; must have "
@@ -242,6 +245,9 @@ class GatedMoEPatch(io.ComfyNode):
                 io.Float.Input("global_region_bias", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="In global steps, how strongly a region's own expert is favoured "
                                        "for the tokens inside it (0 = the gate alone)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="For gate_mode 'style_centroid': encodes each expert's style prompt "
+                                      "('<style tags> style')."),
             ],
             outputs=[io.Model.Output("patched_model", display_name="model",
                                      tooltip="A patched clone; use it with the Cross-Denoise KSampler.")],
@@ -249,7 +255,7 @@ class GatedMoEPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, expert_stack, include_base, gate_mode, gate_file, forced_expert, top_k, normalise,
-                temperature, global_region_bias) -> io.NodeOutput:
+                temperature, global_region_bias, clip=None) -> io.NodeOutput:
         if model.get_attachment(ATTACHMENT) is not None:
             raise ValueError("MEPG Gated MoE Patch: this model is already MoE-patched; connect the model from "
                              "before the first Gated MoE Patch")
@@ -270,16 +276,20 @@ class GatedMoEPatch(io.ComfyNode):
         specs += portfolio.specs(base_spec)
         if not specs:
             raise ValueError("MEPG Gated MoE Patch: the expert stack is empty (add an expert or enable include_base)")
+        if gate_mode == "style_centroid" and clip is None:
+            raise ValueError("MEPG Gated MoE Patch: gate_mode 'style_centroid' needs a CLIP connected")
         try:
             stack = load_expert_stack(specs, dtype=dtype, reference=reference)
             options = GateOptions(temperature=float(temperature), top_k=int(top_k) or None, normalise=bool(normalise))
-            gates = cls.gates(gate_mode, gate_file, forced_expert, stack)
+            gates = GateSet.uniform(stack.num_experts) if gate_mode == "style_centroid" else cls.gates(
+                gate_mode, gate_file, forced_expert, stack)
         except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
             raise ValueError(f"MEPG Gated MoE Patch: {exc}") from None
 
         runtime = MoERuntime(options)
         modules = build_moe_modules(stack, gates, runtime)
-        routing = MoERouting(stack, global_region_bias=float(global_region_bias))
+        routing = MoERouting(stack, global_region_bias=float(global_region_bias),
+                             uses_sigma=getattr(gates, "sigma_features", 0) > 0)
 
         patched = model.clone()
         # Patch each site's forward, not the module: the original modules stay in the tree, so ComfyUI's
@@ -293,6 +303,8 @@ class GatedMoEPatch(io.ComfyNode):
         # with the patched model, counted in its memory plan).
         patched.set_additional_models(ADDITIONAL_MODELS_KEY, [comfy.model_patcher.ModelPatcher(
             modules, load_device=model.load_device, offload_device=model.offload_device)])
+        if gate_mode == "style_centroid":
+            modules.set_gates(style_centroid_gates(patched, clip, stack, runtime))
         log.info("MEPG: patched %d MoE sites with %d experts (%s), %.1f MB of expert weights",
                  len(stack.sites), stack.num_experts, ", ".join(e.name for e in stack.experts), stack.nbytes / 2**20)
         return io.NodeOutput(patched)
@@ -311,6 +323,32 @@ class GatedMoEPatch(io.ComfyNode):
                 raise ValueError("gate_mode 'trained' needs a gate_file")
             return load_gate_file(folder_paths.get_full_path_or_raise(GATE_FOLDER, gate_file), stack).gates
         raise ValueError(f"unknown gate_mode {mode!r}; choose one of {', '.join(GATE_MODES)}")
+
+
+def style_centroid_gates(patched, clip, stack, runtime: MoERuntime, sharpness: float = 4.0) -> GateSet:
+    """Training-free gates: run the patched model once per expert, forced to that expert, on its style
+    prompt; each site's gate rows come from the experts' mean inputs there (``GateSet.from_centroids``).
+    The input is a fixed-seed noise latent at a middle noise level, so the result is deterministic."""
+    comfy.model_management.load_models_gpu([patched])
+    inner = patched.model
+    device = patched.load_device
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((1, 4, CALIBRATION_SIZE, CALIBRATION_SIZE), generator=generator)
+    sigma = inner.model_sampling.sigma(torch.tensor([500.0])).to(device)
+    x = inner.model_sampling.calculate_input(sigma, noise.to(device) * sigma)
+    timestep = inner.model_sampling.timestep(sigma).float()
+    recorder = InputMeanRecorder(stack.num_experts)
+    dtype = inner.get_dtype()
+    for index, expert in enumerate(stack.experts):
+        tags = [t for t in expert.tags if t != "base"] or [expert.name]
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"{', '.join(tags)} style"))[0]
+        y = inner.encode_adm(pooled_output=cond[1]["pooled_output"], width=1024, height=1024)
+        recorder.expert = index
+        context = RoutingContext.forced(1, index, recorder=recorder)
+        with torch.no_grad(), runtime.activate(context):
+            inner.diffusion_model(x.to(dtype), timestep, context=cond[0].to(device, dtype),
+                                  y=None if y is None else y.to(device, dtype))
+    return GateSet.from_centroids(stack, recorder.means(), sharpness=sharpness)
 
 
 def _site_keys(reference) -> list[str]:

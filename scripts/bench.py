@@ -65,7 +65,18 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_cross_denoise(steps: int, size: int) -> dict:
+def alternating_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Run each callable ``repeats`` times, interleaved (a, b, c, a, b, c, ...), so slow phases of a busy
+    machine hit every side alike; returns (last output, median seconds) per name."""
+    outs, times = {}, {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            outs[name], dt = timed(fn)
+            times[name].append(dt)
+    return outs, {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def bench_cross_denoise(steps: int, size: int, repeats: int) -> dict:
     import torch
 
     nodes = inprocess.load_pack(BASE, with_tiny_models=True)
@@ -95,14 +106,14 @@ def bench_cross_denoise(steps: int, size: int) -> dict:
 
     three = region_set(BENCH_REGIONS)
     plain()  # warm-up: first call pays one-time costs on both sides
-    ref, plain_s = timed(plain)
-    _, mepg_s = timed(lambda: mepg(three))
+    outs, med = alternating_medians({"plain": plain, "mepg": lambda: mepg(three)}, repeats)
+    ref, plain_s, mepg_s = outs["plain"], med["plain"], med["mepg"]
     full = region_set([{"label": "all", "prompt": "g", "box": [0, 0, 1000, 1000]}])
     full.regions[0].conditioning = positive
     same, _ = timed(lambda: mepg(full))
     coverage = float(sum((r["box"][2] - r["box"][0]) * (r["box"][3] - r["box"][1]) for r in BENCH_REGIONS) / 1e6)
     return {
-        "regions": len(BENCH_REGIONS), "coverage": round(coverage, 4), "p1": settings.p1,
+        "regions": len(BENCH_REGIONS), "coverage": round(coverage, 4), "p1": settings.p1, "repeats": repeats,
         "interleave": settings.interleave, "context_margin_px": 32, "steps": steps, "size_px": size,
         "plain_s": round(plain_s, 3), "mepg_s": round(mepg_s, 3), "ratio": round(mepg_s / plain_s, 3),
         "max_abs_err_full_canvas_region": float((same - ref).abs().max()),
@@ -133,7 +144,7 @@ def write_bench_experts(model, names: list[str]) -> list[str]:
     return files
 
 
-def bench_moe(steps: int, size: int) -> dict:
+def bench_moe(steps: int, size: int, repeats: int) -> dict:
     import torch
 
     nodes = inprocess.load_pack(BASE, with_tiny_models=True)
@@ -177,8 +188,6 @@ def bench_moe(steps: int, size: int) -> dict:
     only_base = patch(None)
 
     run(model)  # warm-up
-    ref, plain_s = timed(lambda: run(model))
-    _, dense_s = timed(lambda: run(dense))
     # Region-routed top-1: four quadrant regions, each forced to one expert (constant routing per region).
     routing = top1.get_attachment(expert_nodes.ATTACHMENT).routing
     h, w = size // 8, size // 8
@@ -193,7 +202,9 @@ def bench_moe(steps: int, size: int) -> dict:
             return run(top1)
 
     run(top1)  # warm-up of the patched path
-    _, region_s = timed(region_run)
+    outs, med = alternating_medians({"plain": lambda: run(model), "dense": lambda: run(dense),
+                                     "region": region_run}, repeats)
+    ref, plain_s, dense_s, region_s = outs["plain"], med["plain"], med["dense"], med["region"]
     single = run(only_base)
 
     def module_bytes(m):
@@ -202,7 +213,7 @@ def bench_moe(steps: int, size: int) -> dict:
     three = patch(portfolio(2))
     extra = module_bytes(uniform4) - module_bytes(three)
     return {
-        "experts": stack4.num_experts, "steps": steps, "size_px": size,
+        "experts": stack4.num_experts, "steps": steps, "size_px": size, "repeats": repeats,
         "plain_s": round(plain_s, 3), "dense_s": round(dense_s, 3), "region_top1_s": round(region_s, 3),
         "ratio_dense": round(dense_s / plain_s, 3), "ratio_region_top1": round(region_s / plain_s, 3),
         "max_abs_err_single_expert": float((single - ref).abs().max()),
@@ -220,10 +231,11 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (interleaved; medians reported)")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
-        result = BENCHES[name](a.steps, a.size)
+        result = BENCHES[name](a.steps, a.size, a.repeats)
         result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
         path = RESULTS / f"{name}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")

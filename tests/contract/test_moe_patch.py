@@ -36,9 +36,9 @@ def stack(comfy, tiny_checkpoints, names=("photo", "anime", "watercolor")):
 
 
 def patch(comfy, model, portfolio, include_base=True, gate_mode="uniform", gate_file="none", forced="", top_k=0,
-          normalise=True):
+          normalise=True, clip=None):
     return comfy.node("MEPG_GatedMoEPatch").execute(model, portfolio, include_base, gate_mode, gate_file, forced,
-                                                    top_k, normalise, 1.0, 0.5).args[0]
+                                                    top_k, normalise, 1.0, 0.5, clip=clip).args[0]
 
 
 def test_base_only_stack_equals_the_unpatched_model(comfy, loaded, tiny_checkpoints):
@@ -233,3 +233,20 @@ def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tin
         assert ctx.region_map.shape[1:] == hw
         assert {int(v) for v in ctx.region_map.unique()} == {-1, 0, 1}
         assert all(r.kind == "prior" for r in ctx.routes)
+
+
+def test_style_centroid_gates_are_training_free_and_deterministic(comfy, loaded, tiny_checkpoints):
+    with pytest.raises(ValueError, match="needs a CLIP"):
+        patch(comfy, loaded["base"], stack(comfy, tiny_checkpoints), gate_mode="style_centroid")
+    a = patch(comfy, loaded["base"], stack(comfy, tiny_checkpoints), gate_mode="style_centroid", clip=loaded["clip"])
+    b = patch(comfy, loaded["base"], stack(comfy, tiny_checkpoints), gate_mode="style_centroid", clip=loaded["clip"])
+    gates_a = a.get_attachment("mepg_moe").modules.gate_set()
+    gates_b = b.get_attachment("mepg_moe").modules.gate_set()
+    assert gates_a.mode == "linear"
+    for path, (weight, bias, _) in gates_a.params.items():
+        assert torch.equal(weight, gates_b.params[path][0]) and torch.equal(bias, gates_b.params[path][1])
+        assert weight.abs().sum() > 0
+    out = sample(comfy, a, loaded)
+    assert torch.isfinite(out).all()
+    for model in [loaded["base"], *loaded["experts"].values()]:
+        assert (out - sample(comfy, model, loaded)).abs().max() > 1e-3
