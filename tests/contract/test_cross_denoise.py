@@ -155,3 +155,28 @@ def test_missing_region_conditioning_is_a_clear_error(comfy, base):
     regions = regions_for(comfy, None, layout, 256, 192)
     with pytest.raises(ValueError, match=r"region 0 \('cat'\) has no conditioning"):
         cross(comfy, model, clip, regions, empty(256, 192))
+
+
+def test_cancelling_leaves_nothing_behind(comfy, base, tiny_checkpoints):
+    import comfy.model_management as mm
+    import inprocess
+
+    moe_routing = inprocess.pack_module("mepg_core.moe_routing")
+    model, clip = base
+    stack = comfy.node("MEPG_ExpertStackLoader").execute(tiny_checkpoints["anime"].name, "anime", "anime").args[0]
+    patched = comfy.node("MEPG_GatedMoEPatch").execute(model, stack, True, "uniform", "none", "", 0, True, 1.0,
+                                                       0.5).args[0]
+    layout = layout_of("a garden", ("cat", "a black cat", [100, 400, 400, 900]))
+    regions = regions_for(comfy, clip, layout, 256, 192)
+    latent = empty(256, 192)
+    before = cross(comfy, patched, clip, regions, latent)
+    plain_before = plain(comfy, model, clip, latent)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            cross(comfy, patched, clip, regions, latent)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert moe_routing.MoERouting.current_pass() is None
+    assert torch.equal(cross(comfy, patched, clip, regions, latent), before)
+    assert torch.equal(plain(comfy, model, clip, latent), plain_before)
