@@ -48,6 +48,15 @@ ComfyUI wrapper around the diffusion model) builds a :class:`RoutingContext` and
 is visible only to the modules of that runtime and only during that call; without an active context every
 token is routed by the gate alone. See :class:`RoutingContext` for what it carries.
 
+Training hooks
+--------------
+Gate training (:mod:`.gate_training`) uses two runtime-level hooks that inference never sets:
+``runtime.exploring(Exploration(epsilon, generator))`` makes every top-k site of the runtime route a
+fraction ``epsilon`` of its tokens to random expert sets (ε-greedy, :class:`Exploration`), and
+``runtime.observing(fn)`` calls ``fn(module, weights [B, T, E])`` from each site's forward with the weights
+it used (routing statistics, auxiliary routing losses). Expert weights created under
+``torch.inference_mode`` (as ComfyUI creates them) are copied per call when a gradient flows through them.
+
 Module contract for ComfyUI (why parameters are named as they are): every site module is a leaf module
 whose own ``nn.Parameter``s are the expert weights (``requires_grad=False``, sharing storage with the
 stack) and the gate (trainable); nothing is called ``weight``/``bias``, so ComfyUI's weight-patch lookups
@@ -105,11 +114,56 @@ class GateOptions:
         return cls(float(data.get("temperature", 1.0)), data.get("top_k"), bool(data.get("normalise", True)))
 
 
-def mix_weights(raw: torch.Tensor, top_k: int | None, normalise: bool) -> torch.Tensor:
+@dataclass
+class Exploration:
+    """ε-greedy exploration of top-k routing, for gate training (Mixture-of-States).
+
+    With probability ``epsilon`` (independently per token and site) a token's top-k set is replaced by
+    ``k`` experts drawn uniformly without replacement; the kept gate values are then normalised as usual,
+    so the gradient reaches the gates of the experts that were tried. A random set can equal the greedy
+    one, so the fraction of tokens whose set actually changes is ``epsilon · (1 - 1 / C(E, k))``.
+    Applies only where top-k is in effect (``GateOptions.top_k < E``) and only to token-dependent (linear)
+    gates; dense routing has nothing to explore.
+
+    Random numbers come from ``generator`` (its device; results are moved to the tokens' device), or the
+    global generator of the tokens' device when ``None``. ``tokens`` / ``explored`` count the tokens seen
+    and the tokens whose set was redrawn (for monitoring and tests).
+    """
+
+    epsilon: float = 0.05
+    generator: torch.Generator | None = None
+    tokens: int = 0
+    explored: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and 0.0 <= self.epsilon <= 1.0):
+            raise ValueError(f"exploration epsilon must be in [0, 1], got {self.epsilon}")
+
+    def redraw(self, order: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """``order: [..., k]`` expert indices (the greedy top-k) → the same shape, with the rows picked for
+        exploration replaced by random sets of ``k`` distinct experts."""
+        k = order.shape[-1]
+        flat = order.reshape(-1, k)
+        count = flat.shape[0]
+        device = self.generator.device if self.generator is not None else order.device
+        explore = torch.rand(count, generator=self.generator, device=device) < self.epsilon
+        random_sets = torch.rand(count, num_experts, generator=self.generator, device=device).argsort(dim=-1)[:, :k]
+        self.tokens += count
+        self.explored += int(explore.sum())
+        chosen = torch.where(explore[:, None].to(order.device), random_sets.to(order.device), flat)
+        return chosen.reshape(order.shape)
+
+
+def mix_weights(
+    raw: torch.Tensor, top_k: int | None, normalise: bool, exploration: Exploration | None = None
+) -> torch.Tensor:
     """``raw: [..., E]`` (≥ 0) → weights ``[..., E]``: keep the ``top_k`` largest (ties → lower index),
-    then divide by their sum if ``normalise``. Differentiable in the kept entries."""
+    then divide by their sum if ``normalise``. Differentiable in the kept entries. With ``exploration``
+    (training only) some tokens keep a random top-k set instead (see :class:`Exploration`)."""
     if top_k is not None and top_k < raw.shape[-1]:
         order = torch.sort(raw, dim=-1, descending=True, stable=True).indices[..., :top_k]
+        if exploration is not None and exploration.epsilon > 0:
+            order = exploration.redraw(order, raw.shape[-1])
         keep = torch.zeros_like(raw, dtype=torch.bool).scatter_(-1, order, True)
         raw = torch.where(keep, raw, torch.zeros_like(raw))
     if normalise:
@@ -443,7 +497,9 @@ class RoutingContext:
         is_uncond: ``[B]`` bool, the unconditional (negative) rows.
         uncond_policy: ``"same"`` (uncond rows routed like any row), ``"gate"`` (their region routes are
             ignored), ``"forced"`` (they all use ``uncond_expert``).
-        sigma: ``[B]`` noise level per row; required when gates take it as input.
+        sigma: ``[B]`` noise level per row (or ``[B / n]``: the sigmas of one chunk when the batch is ``n``
+            chunks of the same latents, as ComfyUI batches cond and uncond; tiled); required when gates
+            take it as input.
         options: overrides the runtime's :class:`GateOptions` for this call.
         recorder: an :class:`InputMeanRecorder` to feed (centroid calibration).
     """
@@ -480,10 +536,13 @@ class RoutingContext:
         self.row_region = None if row_region is None else rows_tensor(row_region, torch.long, "row_region")
         self.is_uncond = None if is_uncond is None else rows_tensor(is_uncond, torch.bool, "is_uncond")
         self.sigma = None if sigma is None else torch.as_tensor(sigma).detach().reshape(-1).float()
-        if self.sigma is not None and self.sigma.shape[0] not in (1, self.batch_size):
-            raise ValueError(f"sigma has {self.sigma.shape[0]} rows, the batch has {self.batch_size}")
-        if self.sigma is not None and self.sigma.shape[0] == 1:
-            self.sigma = self.sigma.expand(self.batch_size)
+        if self.sigma is not None and self.sigma.shape[0] != self.batch_size:
+            rows = self.sigma.shape[0]
+            if rows == 0 or self.batch_size % rows:
+                raise ValueError(f"sigma has {rows} rows, the batch has {self.batch_size}")
+            # One value for all rows, or the sigmas of one chunk when the batch is several chunks of it
+            # concatenated (ComfyUI batches cond and uncond chunks of the same latents this way).
+            self.sigma = self.sigma.repeat(self.batch_size // rows)
         self.region_map = None
         if region_map is not None:
             region_map = torch.as_tensor(region_map).detach().to("cpu", torch.long)
@@ -687,11 +746,35 @@ class MergedWeightCache:
 
 
 class MoERuntime:
-    """Shared by the site modules of one patched model: options, active context, merge cache."""
+    """Shared by the site modules of one patched model: options, active context, merge cache, and two
+    training hooks: ε-greedy :attr:`exploration` (see :meth:`exploring`) and routing observers (see
+    :meth:`observing`). Both are off unless set; inference never sets them."""
 
     def __init__(self, options: GateOptions | None = None, merge_cache_bytes: int = 0):
         self.options = options or GateOptions()
         self.merge_cache = MergedWeightCache(merge_cache_bytes)
+        self.exploration: Exploration | None = None
+        self.observers: list[Callable[[_GatedSite, torch.Tensor], None]] = []
+
+    @contextlib.contextmanager
+    def exploring(self, exploration: Exploration | None) -> Iterator[Exploration | None]:
+        """Route with ε-greedy ``exploration`` inside the block (all modules of this runtime)."""
+        previous, self.exploration = self.exploration, exploration
+        try:
+            yield exploration
+        finally:
+            self.exploration = previous
+
+    @contextlib.contextmanager
+    def observing(self, observer: Callable[[_GatedSite, torch.Tensor], None]) -> Iterator[None]:
+        """Call ``observer(module, weights)`` from every site's forward inside the block, with the mixing
+        weights ``[B, T, E]`` (float32) that call used (part of the autograd graph when the gate is
+        token-dependent: an auxiliary routing loss can be built from them)."""
+        self.observers.append(observer)
+        try:
+            yield
+        finally:
+            self.observers.remove(observer)
 
     def current(self) -> RoutingContext | None:
         return (_ACTIVE_CONTEXTS.get() or {}).get(id(self))
@@ -712,7 +795,14 @@ class MoERuntime:
 
 def _on(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     # ComfyUI-style cast: weights follow the input's device and dtype (no copy when they already match).
-    return None if tensor is None else tensor.to(device=like.device, dtype=like.dtype)
+    if tensor is None:
+        return None
+    tensor = tensor.to(device=like.device, dtype=like.dtype)
+    if like.requires_grad and tensor.is_inference():
+        # Weights made under torch.inference_mode (ComfyUI runs nodes in it) cannot be saved for backward;
+        # when a gradient flows through this call (gate training), use a normal copy for this call only.
+        tensor = tensor.clone()
+    return tensor
 
 
 class _GatedSite(nn.Module):
@@ -791,6 +881,8 @@ class _GatedSite(nn.Module):
     ) -> torch.Tensor:
         """Gate weights ``[N, E]`` float32 for tokens ``x: [N, in]``."""
         x_float = x.float()
+        if x_float.is_inference() and self.gate_weight.requires_grad and torch.is_grad_enabled():
+            x_float = x_float.clone()  # saved for the gate's gradient; inference tensors cannot be
         logits = F.linear(x_float, _on(self.gate_weight, x_float), _on(self.gate_bias, x_float))
         if self.gate_sigma_weight is not None:
             if context is None:
@@ -800,7 +892,9 @@ class _GatedSite(nn.Module):
         raw = torch.sigmoid(logits / options.temperature)
         if plan.dynamic_prior is not None:
             raw = raw * plan.dynamic_prior
-        return mix_weights(raw, options.effective_top_k(self.num_experts), options.normalise)
+        return mix_weights(
+            raw, options.effective_top_k(self.num_experts), options.normalise, self.runtime.exploration
+        )
 
     def _final(self, raw: tuple[float, ...], options: GateOptions) -> tuple[float, ...]:
         return _final_constant_weights(raw, options.effective_top_k(self.num_experts), options.normalise)
@@ -823,10 +917,12 @@ class _GatedSite(nn.Module):
         plan = self._plan(context, batch, tokens, x.device)
         flat = tokens3.reshape(batch * tokens, channels)
         groups = plan.constant_groups
+        dynamic = None
         if not plan.has_dynamic and len(groups) == 1 and groups[0][1] is None:
             out = self._run_constant(flat, self._final(groups[0][0], options))
         elif plan.has_dynamic and not groups and plan.dynamic_positions is None:
-            out = self._run_dynamic(flat, self._dynamic_weights(flat, plan, context, options), plan, options)
+            dynamic = self._dynamic_weights(flat, plan, context, options)
+            out = self._run_dynamic(flat, dynamic, plan, options)
         else:
             out = flat.new_empty(flat.shape[0], self.out_features)
             for raw, positions in groups:
@@ -836,9 +932,32 @@ class _GatedSite(nn.Module):
             if plan.has_dynamic:
                 positions = plan.dynamic_positions
                 selected = flat.index_select(0, positions)
-                weights = self._dynamic_weights(selected, plan, context, options)
-                out.index_copy_(0, positions, self._run_dynamic(selected, weights, plan, options))
+                dynamic = self._dynamic_weights(selected, plan, context, options)
+                out.index_copy_(0, positions, self._run_dynamic(selected, dynamic, plan, options))
+        if self.runtime.observers:
+            used = self._assemble_weights(plan, dynamic, options, flat.shape[0], x.device)
+            used = used.reshape(batch, tokens, self.num_experts)
+            for observer in list(self.runtime.observers):
+                observer(self, used)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _assemble_weights(
+        self, plan: _TokenPlan, dynamic: torch.Tensor | None, options: GateOptions, count: int, device
+    ) -> torch.Tensor:
+        """All ``count`` tokens' weights ``[N, E]`` float32 from the plan's constant groups and the dynamic
+        tokens' weights ``dynamic`` (``[N_dyn, E]``, in plan order)."""
+        if dynamic is not None and plan.dynamic_positions is None:
+            return dynamic
+        weights = torch.empty(count, self.num_experts, dtype=torch.float32, device=device)
+        for raw, positions in plan.constant_groups:
+            vector = torch.tensor(self._final(raw, options), dtype=torch.float32, device=device)
+            if positions is None:
+                weights[:] = vector
+            else:
+                weights[positions] = vector
+        if dynamic is not None:
+            weights = weights.index_copy(0, plan.dynamic_positions, dynamic)
+        return weights
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The mixing weights ``[B, T, E]`` (float32) that :meth:`forward` uses for ``x: [B, T, in]``
@@ -849,21 +968,12 @@ class _GatedSite(nn.Module):
         batch, tokens, channels = tokens3.shape
         plan = self._plan(context, batch, tokens, x.device)
         flat = tokens3.reshape(batch * tokens, channels)
-        weights = torch.empty(flat.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
-        for raw, positions in plan.constant_groups:
-            vector = torch.tensor(self._final(raw, options), dtype=torch.float32, device=x.device)
-            if positions is None:
-                weights[:] = vector
-            else:
-                weights[positions] = vector
+        dynamic = None
         if plan.has_dynamic:
             positions = plan.dynamic_positions
             selected = flat if positions is None else flat.index_select(0, positions)
             dynamic = self._dynamic_weights(selected, plan, context, options)
-            if positions is None:
-                weights = dynamic
-            else:
-                weights = weights.index_copy(0, positions, dynamic)
+        weights = self._assemble_weights(plan, dynamic, options, flat.shape[0], x.device)
         return weights.reshape(batch, tokens, self.num_experts)
 
     def _run_dynamic(
@@ -1161,6 +1271,7 @@ def build_moe_modules(
 
 __all__ = [
     "GATE_MODES",
+    "Exploration",
     "GateOptions",
     "GateSet",
     "GatedFeedForward",

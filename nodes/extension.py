@@ -3,10 +3,15 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .cross_denoise_nodes import CrossDenoiseGuiderNode, CrossDenoiseKSampler
+from .editor_nodes import LayoutEditor
 from .expert_nodes import ExpertStackLoader, GatedMoEPatch, LoRAExpertLoader
+from .gate_training_nodes import SaveMoEGate, TrainMoEGate
 from .layout_nodes import LayoutFromJSON
 from .planner_nodes import LLMLayoutPlanner
 from .region_nodes import RegionMaskBuilder
+from .routes import register_routes
+
+register_routes()  # /mepg/* for the layout editor, only when ComfyUI's server exists
 
 
 class MEPGExtension(ComfyExtension):
@@ -15,4 +20,6 @@ class MEPGExtension(ComfyExtension):
             LayoutFromJSON, RegionMaskBuilder, ExpertStackLoader, LoRAExpertLoader, GatedMoEPatch,
             CrossDenoiseKSampler, CrossDenoiseGuiderNode,
             LLMLayoutPlanner,
+            LayoutEditor,
+            TrainMoEGate, SaveMoEGate,
         ]

@@ -223,7 +223,55 @@ def bench_moe(steps: int, size: int, repeats: int) -> dict:
     }
 
 
-BENCHES = {"cross_denoise": bench_cross_denoise, "moe": bench_moe}
+def bench_gate_training(steps: int, size: int, repeats: int = 1) -> dict:
+    """Stage-2 gate training on the synthetic teacher task (``tools/mepg_gate_testing.py``): a 4-expert
+    stack of the bench model (base + three re-drawn experts), data made by one expert (the teacher),
+    ``10 × steps`` training steps on 16 pairs at a ``size / 32`` latent (a small multiple of the UNet's
+    stride keeps a CPU run to minutes), held-out routing measured on 8 other pairs. One training run:
+    ``repeats`` does not apply."""
+    import torch
+
+    nodes = inprocess.load_pack(BASE, with_tiny_models=True)
+    from mepg_gate_testing import teacher_experiment
+
+    core = inprocess.pack_module("mepg_core.gate_training")
+    model, config = bench_model()
+    names = ["photo", "anime", "painting"]
+    files = write_bench_experts(model, names)
+    stack = None
+    for name, file in zip(names, files):
+        stack = nodes.NODE_CLASS_MAPPINGS["MEPG_ExpertStackLoader"].execute(file, name, name,
+                                                                          expert_stack=stack).args[0]
+
+    def patch(**kw):
+        args = dict(include_base=True, gate_mode="uniform", gate_file="none", forced_expert="", top_k=0,
+                    normalise=True, temperature=1.0, global_region_bias=0.5)
+        args.update(kw)
+        return nodes.NODE_CLASS_MAPPINGS["MEPG_GatedMoEPatch"].execute(model, stack, **args).args[0]
+
+    teacher_name = "painting"
+    latent = max(8, size // 32 // 4 * 4)
+    train_steps = 10 * steps
+    settings = core.GateTrainingConfig(steps=train_steps, learning_rate=0.2, batch_size=2,
+                                       warmup_steps=max(1, train_steps // 20), seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: one thread is fastest on a shared 2-core machine
+    try:
+        result = teacher_experiment(patch(), patch(gate_mode="forced", forced_expert=teacher_name), teacher_name,
+                                    [random_cond(100 + i) for i in range(16)],
+                                    [random_cond(200 + i) for i in range(8)], settings, size=latent)
+    finally:
+        torch.set_num_threads(threads)
+    result.pop("model")
+    per_site = result.pop("per_site")
+    return {
+        **result, "experts": 4, "train_pairs": 16, "held_out_pairs": 8, "latent": [4, latent, latent],
+        "batch_size": 2, "learning_rate": 0.2, "min_site_teacher_weight": round(min(per_site.values()), 4),
+        "config": config, "goal": "teacher_routing_accuracy >= 0.9, loss_last << loss_first",
+    }
+
+
+BENCHES = {"cross_denoise": bench_cross_denoise, "moe": bench_moe, "gate_training": bench_gate_training}
 
 
 def main() -> int:

@@ -72,6 +72,16 @@ if [ ! -f "$req_stamp" ]; then
   touch "$req_stamp"
 fi
 
+# 3b. Chromium for the browser tests (Debian's package; Playwright never downloads a browser here)
+if [ ! -x /usr/bin/chromium ]; then
+  log "installing Debian's chromium for the browser tests (apt-get)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+    # Not fatal: the demo and the other tests need no browser; the browser tests fail saying what is missing.
+    echo "[setup] WARNING: could not install chromium with apt-get (needs root and Debian's package lists);" \
+         "the browser tests (tests/browser) need /usr/bin/chromium: install Debian's 'chromium' package" >&2
+  fi
+fi
+
 # 4. base directory with the pack mounted as a custom node
 mkdir -p "$BASE/custom_nodes" "$BASE/models/checkpoints" "$BASE/models/loras" "$BASE/models/LLM" \
   "$BASE/models/mepg_gates" "$BASE/input" "$BASE/output" "$BASE/temp" "$BASE/user"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mepg_testing import ARTIFACTS, EXPERTS, EXTRAS_DIR, FIXTURE_DIR, ROOT
+from mepg_testing import ARTIFACTS, EXPERTS, EXTRAS_DIR, FIXTURE_DIR, ROOT, fixture_is_current
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def tiny_checkpoints() -> dict[str, Path]:
     names = ["base", *EXPERTS]
     paths = {n: FIXTURE_DIR / f"tiny_sdxl_{n}.safetensors" for n in names}
     extras = tiny_extra_paths()
-    if not all(p.exists() for p in [*paths.values(), *extras.values()]):
+    if not all(p.exists() for p in extras.values()) or not all(fixture_is_current(p) for p in paths.values()):
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_tiny_models.py"), "--out", str(FIXTURE_DIR),
                         "--experts", *EXPERTS, "--extras", str(EXTRAS_DIR)], check=True, cwd=ROOT)
     return paths

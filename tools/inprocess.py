@@ -33,9 +33,22 @@ def load_pack(base: Path, *, with_tiny_models: bool = True):
     folder_paths.set_input_directory(str(base / "input"))
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    run_coroutine(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     _loaded = base
     return nodes
+
+
+def run_coroutine(coro):
+    """``asyncio.run`` that also works when this thread already runs an event loop (e.g. Playwright's
+    sync API in the same test session): the coroutine then runs on a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def pack_module(name: str):

@@ -23,10 +23,13 @@ import comfy_env  # noqa: E402
 comfy_env.activate()
 
 import torch  # noqa: E402
+from mepg_testing import FIXTURE_VERSION, fixture_is_current  # noqa: E402
 from mepg_tiny_models.tiny_sdxl import TINY_UNET_CONFIG, TinySDXL, TinySDXLClipModel, register  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 DEFAULT_EXPERTS = ("photo", "anime", "watercolor")
+# FIXTURE_VERSION (mepg_testing) is bumped when the files' content changes; older files are rewritten.
+# 2: the TAESD's vae_scale is 1 (it was 0, so decoding ignored the latent and encoding gave inf).
 MOE_SITE = re.compile(r"transformer_blocks\.\d+\.(attn[12]\.to_[qkv]\.weight|ff\.net\.(0\.proj|2)\.(weight|bias))$")
 
 
@@ -98,7 +101,10 @@ def vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
     import comfy.taesd.taesd
 
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
-    return _fill(vae.state_dict(), seed, "first_stage_model.")
+    sd = _fill(vae.state_dict(), seed, "first_stage_model.")
+    # TAESD decodes (latent - shift) * scale and encodes encoder(x) / scale + shift: scale must not be 0.
+    sd["first_stage_model.vae_scale"] = torch.tensor(1.0)
+    return sd
 
 
 def tiny_lora_state_dict(base: dict[str, torch.Tensor], seed: int, rank: int = 4, every: int = 2
@@ -143,15 +149,16 @@ def write_portfolio(out_dir: Path, experts=DEFAULT_EXPERTS, seed: int = 0) -> li
     out_dir.mkdir(parents=True, exist_ok=True)
     register()
     paths = [out_dir / "tiny_sdxl_base.safetensors"] + [out_dir / f"tiny_sdxl_{n}.safetensors" for n in experts]
-    if all(p.exists() for p in paths):
+    if all(fixture_is_current(p) for p in paths):
         return paths
     base_unet = unet_state_dict(seed)
     vae = vae_state_dict(seed)
-    meta = {"mepg_fixture": "tiny-sdxl", "note": "random weights for tests; not a real model"}
-    if not paths[0].exists():
+    meta = {"mepg_fixture": "tiny-sdxl", "note": "random weights for tests; not a real model",
+            "mepg_fixture_version": FIXTURE_VERSION}
+    if not fixture_is_current(paths[0]):
         _save({**base_unet, **vae, **clip_state_dict(seed)}, paths[0], meta)
     for i, (name, path) in enumerate(zip(experts, paths[1:]), start=1):
-        if not path.exists():
+        if not fixture_is_current(path):
             _save({**expert_unet_state_dict(base_unet, seed + 1000 * i), **vae}, path, {**meta, "expert": name})
     return paths
 

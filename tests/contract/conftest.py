@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import inprocess
 import pytest
 from mepg_testing import ROOT, link_checkpoints
 
@@ -44,7 +44,7 @@ class ComfyInProcess:
         Raises AssertionError with ComfyUI's own messages when validation or execution fails.
         """
         prompt_id = str(uuid.uuid4())
-        valid = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
+        valid = inprocess.run_coroutine(self.execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
         if self.executor is None:
@@ -59,8 +59,6 @@ class ComfyInProcess:
 
 @pytest.fixture(scope="session")
 def comfy(tiny_checkpoints, tiny_extras) -> ComfyInProcess:
-    import inprocess
-
     nodes = inprocess.load_pack(BASE, with_tiny_models=True)
     import execution
     link_checkpoints(BASE, tiny_checkpoints)
