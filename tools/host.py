@@ -39,6 +39,12 @@ def prepare_base(base: Path, *, with_tiny_models: bool = True) -> Path:
                 "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     _link(base / "custom_nodes" / PACK_LINK_NAME, ROOT)
+    # A new user directory makes the frontend open its template browser on an empty graph at first start;
+    # mark the tour as done so every start behaves like the later ones (the default graph is loaded).
+    settings = base / "user" / "default" / "comfy.settings.json"
+    if not settings.exists():
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}, indent=4))
     tiny = base / "custom_nodes" / "mepg_tiny_models"
     if with_tiny_models:
         _link(tiny, TINY_NODE_DIR)
