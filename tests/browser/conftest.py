@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from host import ComfyServer, free_port, prepare_base
-from mepg_testing import ARTIFACTS, ROOT, link_checkpoints
+from mepg_testing import serve_fixture_host
 
-BASE = ROOT / ".host" / "browser-base"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -24,10 +22,7 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="session")
 def browser_server(tiny_checkpoints):
-    prepare_base(BASE, with_tiny_models=True)
-    link_checkpoints(BASE, tiny_checkpoints)
-    srv = ComfyServer(port=free_port(), base=BASE, log_path=ARTIFACTS / "browser-server.log")
-    srv.start()
+    srv = serve_fixture_host("browser", tiny_checkpoints)
     try:
         yield srv
     finally:

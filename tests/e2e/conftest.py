@@ -5,18 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from host import ComfyServer, free_port, prepare_base
-from mepg_testing import ARTIFACTS, ROOT, link_checkpoints
-
-BASE = ROOT / ".host" / "e2e-base"
+from mepg_testing import serve_fixture_host
 
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoints):
-    prepare_base(BASE, with_tiny_models=True)
-    link_checkpoints(BASE, tiny_checkpoints)
-    srv = ComfyServer(port=free_port(), base=BASE, log_path=ARTIFACTS / "e2e-server.log")
-    srv.start()
+    srv = serve_fixture_host("e2e", tiny_checkpoints)
     try:
         yield srv
     finally:
