@@ -117,9 +117,12 @@ def test_patched_and_base_in_one_graph(comfy, tiny_checkpoints):
     comfy.executor.reset()
     comfy.run(graph(True, False))
     alone_patched = latent_of("k_patched")
-    assert torch.equal(both[1], alone_base)
-    assert torch.equal(both[0], alone_patched)
-    assert not torch.equal(both[0], both[1])
+    # ComfyUI may batch cond and uncond differently when two models are loaded (its memory estimate),
+    # which reorders float sums: equal up to rounding, relative to the latents' magnitude.
+    scale = alone_base.abs().max()
+    assert (both[1] - alone_base).abs().max() <= 1e-5 * scale
+    assert (both[0] - alone_patched).abs().max() <= 1e-5 * scale
+    assert (both[0] - both[1]).abs().max() > 1e-2 * scale
 
 
 def test_loras_applied_before_the_patch_are_kept(comfy, loaded, tiny_checkpoints, tiny_extras):
