@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layout import Layout, LayoutError, parse_layout
+from .layout import Layout, LayoutError, parse_layout, reject_json_constant
 
 STATE_VERSION = 1
 # 64 regions with every text at its 2000-character limit stay below this.
@@ -102,7 +102,7 @@ def parse_editor_state(text: str | None) -> EditorState:
     if len(text) > MAX_STATE_CHARS:
         raise EditorStateError([f"editor_state: {len(text)} characters; at most {MAX_STATE_CHARS}"])
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=reject_json_constant)
     except ValueError as exc:
         raise EditorStateError([f"editor_state: not valid JSON ({exc})"]) from None
     if not isinstance(obj, dict):
@@ -183,6 +183,3 @@ def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")

@@ -177,7 +177,7 @@ def parse_layout(
         if not text:
             raise LayoutError(["$: empty text; expected a layout JSON object"])
         try:
-            source = json.loads(text, parse_constant=_reject_constant)
+            source = json.loads(text, parse_constant=reject_json_constant)
         except ValueError as exc:
             raise LayoutError([f"$: not valid JSON ({exc})"]) from None
     if not isinstance(source, dict):
@@ -228,8 +228,9 @@ def layout_from_json(source: str | bytes | dict[str, Any], **kwargs: Any) -> Lay
     return parse_layout(source, **kwargs)[0]
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in a layout")
+def reject_json_constant(name: str) -> float:
+    """``parse_constant`` for ``json.loads``: NaN and ±Infinity are not JSON data we accept anywhere."""
+    raise ValueError(f"{name} is not allowed")
 
 
 def _parse_canvas(raw: Any, rep: _Report) -> Canvas:

@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from ..mepg_core.editor_state import EditorStateError, check_experts, layout_hash
-from ..mepg_core.layout import MAX_CANVAS, MAX_REGIONS, LayoutError, parse_layout
+from ..mepg_core.layout import MAX_CANVAS, MAX_REGIONS, LayoutError, parse_layout, reject_json_constant
 from ..mepg_core.planner import plan_offline
 
 log = logging.getLogger("mepg")
@@ -59,16 +59,13 @@ async def _read_json_object(request, limit: int) -> dict[str, Any]:
     if len(body) > limit:
         raise RequestError(f"body: more than {limit} bytes", 413)
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(body.decode("utf-8"), parse_constant=reject_json_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RequestError(f"body: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise RequestError(f"body: expected a JSON object, got {type(obj).__name__}")
     return obj
 
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
 
 
 def _int_field(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -140,7 +137,7 @@ def parse_stack_query(text: str | None) -> list[dict[str, str]]:
     if len(text) > MAX_STACK_QUERY_CHARS:
         raise RequestError(f"stack: {len(text)} characters; at most {MAX_STACK_QUERY_CHARS}")
     try:
-        raw = json.loads(text, parse_constant=_reject_constant)
+        raw = json.loads(text, parse_constant=reject_json_constant)
     except ValueError as exc:
         raise RequestError(f"stack: not valid JSON ({exc})") from None
     if not isinstance(raw, list):

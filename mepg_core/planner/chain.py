@@ -49,6 +49,7 @@ from ..layout import (
     LayoutError,
     Region,
     parse_layout,
+    reject_json_constant,
 )
 from .backends import BackendError, ChatBackend
 
@@ -194,7 +195,7 @@ def extract_json(text: str, *, want: type | tuple[type, ...] = (dict, list)) -> 
     text = text[:MAX_ANSWER_CHARS]
     # Fenced blocks first: a model that fences its JSON often writes a sketch in prose before it.
     candidates_text = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    decoder = json.JSONDecoder(parse_constant=reject_json_constant)
     want_types = want if isinstance(want, tuple) else (want,)
     fallback: list[Any] = []
     tried = 0
@@ -223,9 +224,6 @@ def extract_json(text: str, *, want: type | tuple[type, ...] = (dict, list)) -> 
         return fallback[0]
     raise JSONExtractionError("no JSON object found in the answer")
 
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")
 
 
 # --------------------------------------------------------------------------------------------------
