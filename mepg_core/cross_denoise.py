@@ -25,7 +25,7 @@ The schedule, for step ``i`` (0-based) of ``N``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,16 +88,16 @@ def local_alpha(step: int, n_steps: int, settings: CrossDenoiseSettings) -> floa
     return settings.alpha_start + (settings.alpha_end - settings.alpha_start) * f
 
 
-def step_index(sigma: float, sigmas: torch.Tensor) -> int:
+def step_index(sigma: float, sigmas: Sequence[float]) -> int:
     """The 0-based step whose interval ``(sigmas[i+1], sigmas[i]]`` holds ``sigma``.
 
+    ``sigmas``: the run's schedule as floats (convert a tensor once per run, not per call).
     Multi-stage samplers also evaluate between ``sigmas[i]`` and ``sigmas[i+1]``; those evaluations
     belong to step ``i``.
     """
-    s = [float(v) for v in sigmas.detach().float().cpu()]
-    n = len(s) - 1
+    n = len(sigmas) - 1
     for i in range(n):
-        if sigma > s[i + 1] + 1e-6 * max(1.0, abs(s[i + 1])):
+        if sigma > sigmas[i + 1] + 1e-6 * max(1.0, abs(sigmas[i + 1])):
             return i
     return max(0, n - 1)
 

@@ -56,7 +56,7 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         self._latent_in = latent_image
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             self._latent_in = self.inner_model.process_latent_in(latent_image)
-        self._sigmas = sigmas
+        self._sigma_values = [float(v) for v in sigmas.detach().float().cpu()]
         self._plan = self._make_plan(noise.shape[-2], noise.shape[-1], len(sigmas) - 1)
         return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                     disable_pbar, seed, latent_shapes=latent_shapes)
@@ -71,7 +71,7 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.flatten()[0])
-        step = cd.step_index(sigma, self._sigmas)
+        step = cd.step_index(sigma, self._sigma_values)
         kind = cd.stage(step, self._plan.n_steps, self.settings)
         if kind == cd.GLOBAL:
             self.stats["global_steps"] += 1

@@ -19,7 +19,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..mepg_core.experts import ExpertSpec, default_style_tags, load_expert_stack
+from ..mepg_core.experts import ExpertSpec, default_style_tags, discover_sites, load_expert_stack
 from ..mepg_core.gate_files import load_gate_file
 from ..mepg_core.gating import GateOptions, GateSet, InputMeanRecorder, MoERuntime, RoutingContext, build_moe_modules
 from ..mepg_core.moe_routing import MoERouting
@@ -352,8 +352,6 @@ def style_centroid_gates(patched, clip, stack, runtime: MoERuntime, sharpness: f
 
 
 def _site_keys(reference) -> list[str]:
-    from ..mepg_core.experts import discover_sites
-
     keys = []
     for site in discover_sites(reference):
         keys.append(f"{site.path}.weight")

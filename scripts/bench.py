@@ -144,6 +144,26 @@ def write_bench_experts(model, names: list[str]) -> list[str]:
     return files
 
 
+EXPERT_NAMES = ["photo", "anime", "painting"]
+PATCH_DEFAULTS = dict(include_base=True, gate_mode="uniform", gate_file="none", forced_expert="", top_k=0,
+                      normalise=True, temperature=1.0, global_region_bias=0.5)
+
+
+def stack_experts(nodes, files: list[str], count: int | None = None):
+    """Chain MEPG_ExpertStackLoader over the first ``count`` bench expert files (named as EXPERT_NAMES)."""
+    stack = None
+    for name, file in list(zip(EXPERT_NAMES, files))[:count]:
+        stack = nodes.NODE_CLASS_MAPPINGS["MEPG_ExpertStackLoader"].execute(file, name, name,
+                                                                          expert_stack=stack).args[0]
+    return stack
+
+
+def patch_moe(nodes, model, stack, **overrides):
+    """MEPG_GatedMoEPatch with the node's defaults, ``overrides`` applied."""
+    return nodes.NODE_CLASS_MAPPINGS["MEPG_GatedMoEPatch"].execute(model, stack,
+                                                                  **{**PATCH_DEFAULTS, **overrides}).args[0]
+
+
 def bench_moe(steps: int, size: int, repeats: int) -> dict:
     import torch
 
@@ -157,21 +177,13 @@ def bench_moe(steps: int, size: int, repeats: int) -> dict:
     model, config = bench_model()
     positive, negative = random_cond(1), random_cond(2)
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
-    names = ["photo", "anime", "painting"]
-    files = write_bench_experts(model, names)
+    files = write_bench_experts(model, EXPERT_NAMES)
 
     def portfolio(count):
-        stack = None
-        for name, file in list(zip(names, files))[:count]:
-            stack = nodes.NODE_CLASS_MAPPINGS["MEPG_ExpertStackLoader"].execute(file, name, name,
-                                                                              expert_stack=stack).args[0]
-        return stack
+        return stack_experts(nodes, files, count)
 
     def patch(stack, **kw):
-        args = dict(include_base=True, gate_mode="uniform", gate_file="none", forced_expert="", top_k=0,
-                    normalise=True, temperature=1.0, global_region_bias=0.5)
-        args.update(kw)
-        return nodes.NODE_CLASS_MAPPINGS["MEPG_GatedMoEPatch"].execute(model, stack, **args).args[0]
+        return patch_moe(nodes, model, stack, **kw)
 
     def run(m):
         return nodes.common_ksampler(m, 7, steps, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
@@ -236,18 +248,10 @@ def bench_gate_training(steps: int, size: int, repeats: int = 1) -> dict:
 
     core = inprocess.pack_module("mepg_core.gate_training")
     model, config = bench_model()
-    names = ["photo", "anime", "painting"]
-    files = write_bench_experts(model, names)
-    stack = None
-    for name, file in zip(names, files):
-        stack = nodes.NODE_CLASS_MAPPINGS["MEPG_ExpertStackLoader"].execute(file, name, name,
-                                                                          expert_stack=stack).args[0]
+    stack = stack_experts(nodes, write_bench_experts(model, EXPERT_NAMES))
 
     def patch(**kw):
-        args = dict(include_base=True, gate_mode="uniform", gate_file="none", forced_expert="", top_k=0,
-                    normalise=True, temperature=1.0, global_region_bias=0.5)
-        args.update(kw)
-        return nodes.NODE_CLASS_MAPPINGS["MEPG_GatedMoEPatch"].execute(model, stack, **args).args[0]
+        return patch_moe(nodes, model, stack, **kw)
 
     teacher_name = "painting"
     latent = max(8, size // 32 // 4 * 4)

@@ -73,12 +73,12 @@ def tiny_workflow(api: dict, files: dict, max_side: int = 160, steps: int = 3, d
 
 
 def serve_fixture_host(name: str, checkpoints: dict[str, Path]):
-    """Start a real ComfyUI server on a free loopback port, with base ``.host/<name>-base`` holding the pack,
+    """A real ComfyUI server on a free loopback port, with base ``.host/<name>-base`` holding the pack,
     the tiny-model node and ``checkpoints``; its log goes to ``test-artifacts/<name>-server.log``.
-    Returns the started :class:`host.ComfyServer` (call ``stop()`` when done)."""
+    Use as ``with serve_fixture_host(...) as server:`` (the server stops when the block ends)."""
     from host import ComfyServer, free_port, prepare_base
 
     base = ROOT / ".host" / f"{name}-base"
     prepare_base(base, with_tiny_models=True)
     link_checkpoints(base, checkpoints)
-    return ComfyServer(port=free_port(), base=base, log_path=ARTIFACTS / f"{name}-server.log").start()
+    return ComfyServer(port=free_port(), base=base, log_path=ARTIFACTS / f"{name}-server.log")

@@ -22,11 +22,8 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="session")
 def browser_server(tiny_checkpoints):
-    srv = serve_fixture_host("browser", tiny_checkpoints)
-    try:
+    with serve_fixture_host("browser", tiny_checkpoints) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,8 @@ from mepg_testing import serve_fixture_host
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoints):
-    srv = serve_fixture_host("e2e", tiny_checkpoints)
-    try:
+    with serve_fixture_host("e2e", tiny_checkpoints) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def pytest_collection_modifyitems(items):

@@ -40,7 +40,7 @@ def test_bad_settings(bad):
 
 
 def test_step_index_maps_intermediate_sigmas_to_their_step():
-    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.5, 0.0])
+    sigmas = [10.0, 5.0, 2.0, 0.5, 0.0]
     got = [cd.step_index(s, sigmas) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.1)]
     assert got == [0, 0, 1, 1, 2, 2, 3, 3]
 
