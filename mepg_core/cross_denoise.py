@@ -14,7 +14,9 @@ The schedule, for step ``i`` (0-based) of ``N``:
   region's own prompt, and the background with the global prompt, then fuses the predictions:
   ``x0 = w_bg * D_bg + sum_i w_i * D_i`` with ``w_i = alpha(i) * m_i`` (``m_i`` the region's
   feathered latent mask, clipped to its window) and ``w_bg = 1 - sum_i w_i`` (weights renormalised
-  where overlapping regions sum above 1).
+  where overlapping regions sum above 1). The background pass, too, runs on a window only: the box
+  around where ``w_bg > 0``, grown by the same margin (with ``alpha = 1`` and regions filling one
+  side of the picture, it skips that side).
   ``alpha`` ramps linearly from ``alpha_start`` at the first local step to ``alpha_end`` at the last.
 - Isolation during local steps: each pass sees the current latent only where no *other* region has
   weight; elsewhere it sees the reference latent (the initial latent noised to the current sigma,
@@ -200,9 +202,10 @@ def local_step(x: torch.Tensor, x_ref: torch.Tensor, plan: LocalPlan, alpha: flo
     """One fused local prediction.
 
     ``x``: the current latent ``[B, C, H, W]``; ``x_ref``: the reference latent at the same sigma.
-    ``denoise(pass_index, x_in)`` returns the denoised prediction of ``x_in`` for region ``pass_index``
-    (a window crop ``[B, C, h, w]``) or, for ``pass_index == n_regions``, the background (full latent).
-    Passes whose weight is zero everywhere are skipped. Returns ``[B, C, H, W]``.
+    ``denoise(pass_index, x_in)`` returns the denoised prediction of ``x_in`` (a window crop
+    ``[B, C, h, w]``) for region ``pass_index`` or, for ``pass_index == n_regions``, the background (its
+    window from :func:`background_window`). Passes whose weight is zero everywhere are skipped.
+    Returns ``[B, C, H, W]``.
     """
     weights, bg_weight = fusion_weights(plan, alpha)
     weights = weights.to(x.device, x.dtype)
@@ -214,10 +217,23 @@ def local_step(x: torch.Tensor, x_ref: torch.Tensor, plan: LocalPlan, alpha: flo
             continue
         seen = _compose(x, x_ref, plan.visible[i].to(x.device))[..., y1:y2, x1:x2]
         out[..., y1:y2, x1:x2] += wi * denoise(i, seen)
-    if bool((bg_weight > 0).any()):
-        seen = _compose(x, x_ref, plan.visible[plan.n_regions].to(x.device))
-        out += bg_weight * denoise(plan.n_regions, seen)
+    bg_window = background_window(bg_weight, plan.settings.context_margin, plan.settings.align)
+    if bg_window is not None:
+        x1, y1, x2, y2 = bg_window
+        seen = _compose(x, x_ref, plan.visible[plan.n_regions].to(x.device))[..., y1:y2, x1:x2]
+        out[..., y1:y2, x1:x2] += bg_weight[y1:y2, x1:x2] * denoise(plan.n_regions, seen)
     return out
+
+
+def background_window(bg_weight: torch.Tensor, margin: int, align: int) -> tuple[int, int, int, int] | None:
+    """The latent window of the background pass: the box around where ``bg_weight`` ``[H, W]`` is positive,
+    grown and aligned like a region's window. ``None`` when the background has no weight."""
+    ys, xs = torch.nonzero(bg_weight > 0, as_tuple=True)
+    if len(xs) == 0:
+        return None
+    h, w = bg_weight.shape
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    return window_for_box(box, w, h, margin, align)
 
 
 def _compose(x: torch.Tensor, x_ref: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

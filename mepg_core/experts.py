@@ -63,6 +63,8 @@ from typing import Union
 import torch
 from safetensors import safe_open
 
+from .styles import canonical_style, style_family
+
 CHECKPOINT_UNET_PREFIX = "model.diffusion_model."
 SITE_ROLES = (
     "attn1.to_q",
@@ -770,14 +772,22 @@ class ExpertStack:
         raise KeyError(f"expert '{ref}': {why}; experts: {known}")
 
     def style_prior(self, style: str | None) -> torch.Tensor | None:
-        """``[E]`` float32 prior with 1 for experts tagged ``style`` (or named it), 0 elsewhere;
-        ``None`` when ``style`` is empty or matches no expert (the caller then leaves routing to the gate)."""
+        """``[E]`` float32 prior with 1 for the experts that suit ``style``, 0 elsewhere.
+
+        An expert suits a style when it is named so, or when one of its tags is the same style in other
+        words (``photorealistic`` finds a ``realism`` tag, see :mod:`.styles`); failing that, the
+        experts tagged with a style of the same family (``watercolor`` finds ``painting``). ``None`` when
+        ``style`` is empty or suits no expert (the caller then leaves routing to the gate)."""
         if not style:
             return None
-        wanted = style.strip().lower()
+        wanted = canonical_style(style)
         hits = [
-            i for i, e in enumerate(self.experts) if e.name.lower() == wanted or wanted in (t.lower() for t in e.tags)
+            i for i, e in enumerate(self.experts)
+            if e.name.lower() == style.strip().lower() or wanted in {canonical_style(t) for t in e.tags}
         ]
+        family = style_family(wanted)
+        if not hits and family is not None:
+            hits = [i for i, e in enumerate(self.experts) if family in {style_family(t) for t in e.tags}]
         if not hits:
             return None
         prior = torch.zeros(self.num_experts, dtype=torch.float32)

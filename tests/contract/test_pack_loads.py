@@ -50,6 +50,13 @@ def test_every_node_is_documented_for_people(comfy):
             assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
         out_ids = {o.id for o in schema.outputs}
         assert not out_ids & {i.id for i in schema.inputs}, f"{node_id}: an output id repeats an input id"
+    # the frontend's node help pages: web/docs/<node id>.md, titled with the display name
+    docs = Path(__file__).resolve().parents[2] / "web" / "docs"
+    for node_id in pack_node_ids(comfy):
+        page = docs / f"{node_id}.md"
+        assert page.is_file(), f"{node_id} has no help page {page.name}"
+        title = page.read_text(encoding="utf-8").splitlines()[0]
+        assert title == f"# {comfy.node(node_id).GET_SCHEMA().display_name}", (node_id, title)
 
 
 def test_public_surface_matches_snapshot(comfy):

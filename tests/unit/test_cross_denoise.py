@@ -112,7 +112,32 @@ def test_local_step_fuses_window_predictions_exactly():
     for i, (x1, y1, x2, y2) in enumerate(plan.windows):
         composed = torch.where(plan.visible[i], x, x_ref)[..., y1:y2, x1:x2]
         assert torch.equal(seen[i], composed)
-    assert torch.equal(seen[2], torch.where(plan.visible[2], x, x_ref))
+    bx1, by1, bx2, by2 = cd.background_window(bg, plan.settings.context_margin, plan.settings.align)
+    assert torch.equal(seen[2], torch.where(plan.visible[2], x, x_ref)[..., by1:by2, bx1:bx2])
+
+
+def test_background_pass_runs_on_the_window_around_its_weight():
+    # one region fills the left half: the background needs the right half plus its context margin
+    masks = torch.zeros(1, 16, 32)
+    masks[0, :, :16] = 1.0
+    plan = cd.make_local_plan(masks, [(0, 0, 16, 16)], settings(context_margin=2, align=4), 4)
+    x, x_ref = torch.randn(1, 4, 16, 32), torch.randn(1, 4, 16, 32)
+    shapes = {}
+
+    def denoise(i, x_in):
+        shapes[i] = tuple(x_in.shape[-2:])
+        return torch.full_like(x_in, float(i + 1))
+
+    out = cd.local_step(x, x_ref, plan, 1.0, denoise)
+    _, bg = cd.fusion_weights(plan, 1.0)
+    assert cd.background_window(bg, 2, 4) == (12, 0, 32, 16)
+    assert shapes[1] == (16, 20)  # 16 cells of background + 2 of margin, aligned up to 20
+    assert torch.equal(out[..., :16], torch.ones_like(out[..., :16]))
+    assert torch.equal(out[..., 16:], torch.full_like(out[..., 16:], 2.0))
+    # with alpha < 1 the background weighs everywhere, so its window is the whole latent
+    cd.local_step(x, x_ref, plan, 0.5, denoise)
+    assert shapes[1] == (16, 32)
+    assert cd.background_window(torch.zeros(4, 4), 1, 1) is None
 
 
 def test_local_step_skips_passes_without_weight():

@@ -20,6 +20,7 @@ from mepg_core.experts import (
     read_unet_header,
     site_content_hash,
 )
+from mepg_core.styles import canonical_style, style_family
 
 ROLES = experts.SITE_ROLES
 
@@ -288,6 +289,30 @@ def test_names_and_tags_are_editable_and_resolvable(ckpts):
         stack.expert_index("watercolour")
     assert stack.style_prior("anime").tolist() == [0.0, 1.0]
     assert stack.style_prior("cubism") is None and stack.style_prior(None) is None
+
+
+def test_region_styles_find_experts_tagged_in_other_words(ckpts):
+    specs = [ExpertSpec.checkpoint(ckpts["base"][0], name="real", tags=["realism"]),
+             ExpertSpec.checkpoint(ckpts["anime"][0], name="toon", tags=["anime"]),
+             ExpertSpec.checkpoint(ckpts["anime"][0], name="brush", tags=["painting"]),
+             ExpertSpec.checkpoint(ckpts["anime"][0], name="wash", tags=["Watercolour"])]
+    stack = load_expert_stack(specs)
+    # the planner's words for a style reach the tag a person or the file-name guess gave the expert
+    assert stack.style_prior("photorealistic").tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert stack.style_prior("Photo style").tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert stack.style_prior("manga").tolist() == [0.0, 1.0, 0.0, 0.0]
+    # an exact style wins over its family; the family is the fallback
+    assert stack.style_prior("watercolor").tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert stack.style_prior("oil painting").tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert stack.style_prior("sketch") is None  # no illustration expert here
+    assert stack.style_prior("toon").tolist() == [0.0, 1.0, 0.0, 0.0]  # an expert's name
+
+
+def test_canonical_styles():
+    assert canonical_style("  Hyper-Realistic  ") == "photo" and canonical_style("oil_painting") == "oil painting"
+    assert canonical_style("watercolor-style") == "watercolor" and canonical_style("cubism") == "cubism"
+    assert canonical_style(None) == "" and canonical_style("style") == "style"
+    assert style_family("impressionist") == "painting" and style_family("cubism") is None
 
 
 # ---------------------------------------------------------------------------------------------- LoRA experts

@@ -202,8 +202,9 @@ def test_epsilon_greedy_redraws_top_k_sets_at_the_right_rate():
 
 def test_exploration_through_the_runtime_of_a_gated_site():
     e, d = 4, 6
-    gate = SiteGate("linear", e, weight=torch.randn(e, d), bias=torch.zeros(e))
-    site = GatedLinear(torch.randn(e, 5, d), None, gate, input_kind="spatial", path="toy")
+    g = torch.Generator().manual_seed(3)
+    gate = SiteGate("linear", e, weight=torch.randn(e, d, generator=g), bias=torch.zeros(e))
+    site = GatedLinear(torch.randn(e, 5, d, generator=g), None, gate, input_kind="spatial", path="toy")
     site.runtime.options = GateOptions(top_k=1)
     x = torch.randn(1, 20_000, d, generator=torch.Generator().manual_seed(7))
     seen = []
@@ -217,7 +218,10 @@ def test_exploration_through_the_runtime_of_a_gated_site():
     changed = (kept_sets(greedy) != kept_sets(explored)).any(-1).float().mean().item()
     assert changed == pytest.approx(0.05 * 3 / 4, abs=0.006)
     rows = (kept_sets(greedy) == kept_sets(explored)).all(-1)[0]
-    assert torch.equal(greedy_out[0, rows], explored_out[0, rows])
+    # tokens whose expert set did not change give the same output (up to the rounding of another
+    # mixing order; a changed expert would differ by O(1))
+    torch.testing.assert_close(greedy_out[0, rows], explored_out[0, rows], rtol=0, atol=1e-5)
+    assert (greedy_out[0, ~rows] - explored_out[0, ~rows]).abs().amax(-1).min() > 1e-3
     assert not site.runtime.observers
 
 
