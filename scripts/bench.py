@@ -305,7 +305,91 @@ def bench_gate_training(steps: int, size: int, repeats: int = 1) -> dict:
     }
 
 
-BENCHES = {"cross_denoise": bench_cross_denoise, "moe": bench_moe, "gate_training": bench_gate_training}
+SDXL_UNET = {  # SDXL's own UNet configuration (ComfyUI's model_detection), for pass timings at full size
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+SDXL_BENCH_MIN_RAM_GB = 16.0
+
+
+def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> dict:
+    """What the cross-denoise schedule costs with SDXL's real UNet (2.6 B parameters, random weights):
+    one timed call (cond + uncond, batch 2) per distinct pass shape — the whole canvas, each region window
+    and the background window of ``BENCH_REGIONS`` — at each size, then the run's cost from the stage plan:
+    ``ratio = (sum over local steps of the passes + global steps * full) / (steps * full)``. No sampler
+    runs (a run is >99 % model calls; see ``cross_denoise`` for whole runs on the smaller model). Needs
+    ~12 GB of RAM; skipped with a note on smaller machines. One timing per shape: ``repeats`` does not apply."""
+    import psutil
+    import torch
+
+    available_gb = psutil.virtual_memory().available / 2**30
+    if available_gb < SDXL_BENCH_MIN_RAM_GB:
+        return {"skipped": f"needs {SDXL_BENCH_MIN_RAM_GB:.0f} GB of free RAM, {available_gb:.1f} GB available"}
+    inprocess.load_pack(BASE, with_tiny_models=True)
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    cd = inprocess.pack_module("mepg_core.cross_denoise")
+    cdn = inprocess.pack_module("nodes.cross_denoise_nodes")
+    layout_mod = inprocess.pack_module("mepg_core.layout")
+    regions_mod = inprocess.pack_module("mepg_core.regions")
+
+    unet = UNetModel(**SDXL_UNET, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():  # small normal weights: uninitialised memory could hold denormals
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    unet.eval()
+    params = sum(p.numel() for p in unet.parameters())
+    context, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 2816, generator=g)
+
+    timings: dict[tuple[int, int], float] = {}
+
+    def pass_seconds(h: int, w: int) -> float:
+        """One UNet call on ``[2, 4, h, w]``; a shape already timed is not run again (same work)."""
+        if (h, w) not in timings:
+            x = torch.randn(2, 4, h, w, generator=g)
+            t = time.perf_counter()
+            with torch.no_grad():
+                unet(x, torch.full((2,), 500.0), context=context, y=pooled)
+            timings[h, w] = time.perf_counter() - t
+        return timings[h, w]
+
+    settings = cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, 32)
+    plan_stages = cd.stage_plan(steps, settings)
+    n_local = plan_stages.count(cd.LOCAL)
+    layout = layout_mod.parse_layout({"version": 1, "global_prompt": "g", "regions": BENCH_REGIONS})[0]
+    pass_seconds(16, 16)  # warm-up
+    by_size = []
+    for px in (size,) if size else CROSS_DENOISE_SIZES:
+        lat = px // 8
+        rs = regions_mod.build_region_set(layout, px, px)
+        plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings, steps)
+        _, bg_weight = cd.fusion_weights(plan, 1.0)
+        bg = cd.background_window(bg_weight, settings.context_margin, settings.align)
+        full_s = pass_seconds(lat, lat)
+        window_s = [pass_seconds(y2 - y1, x2 - x1) for x1, y1, x2, y2 in plan.windows]
+        bg_s = 0.0 if bg is None else pass_seconds(bg[3] - bg[1], bg[2] - bg[0])
+        local_s = bg_s + sum(window_s)
+        ratio = (n_local * local_s + (steps - n_local) * full_s) / (steps * full_s)
+        by_size.append({
+            "size_px": px, "full_pass_s": round(full_s, 2), "window_pass_s": [round(v, 2) for v in window_s],
+            "background_pass_s": round(bg_s, 2), "local_step_over_plain_step": round(local_s / full_s, 3),
+            "ratio": round(ratio, 3), "window_area_over_canvas": round(cd.window_coverage(plan, lat, lat), 4),
+        })
+    return {
+        "model": "SDXL UNet architecture, random weights, float32, CPU", "unet_parameters": params,
+        "regions": len(BENCH_REGIONS), "p1": settings.p1, "interleave": settings.interleave, "steps": steps,
+        "local_steps": n_local, "context_margin_px": 32, "by_size": by_size, "goal": "ratio <= 1.60",
+    }
+
+
+BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl, "moe": bench_moe,
+           "gate_training": bench_gate_training}
 
 
 def main() -> int:
@@ -319,7 +403,7 @@ def main() -> int:
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
-        size = a.size if a.size or name == "cross_denoise" else 512
+        size = a.size if a.size or name.startswith("cross_denoise") else 512
         result = BENCHES[name](a.steps, size, a.repeats)
         result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
         path = RESULTS / f"{name}.json"

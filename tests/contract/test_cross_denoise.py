@@ -84,11 +84,13 @@ def test_regions_change_the_result(comfy, base):
     assert rel_err(cross(comfy, model, clip, regions, latent), plain(comfy, model, clip, latent)) > 1e-3
 
 
-@pytest.mark.parametrize("feather_px", [0, 16])
-def test_locality_one_region_prompt_changes_only_its_mask(comfy, base, feather_px):
-    """With no global step yet (p1 = 1, no interleave), a region's prompt reaches nothing outside its mask."""
+@pytest.mark.parametrize("feather_px,cat_box", [(0, [80, 300, 420, 900]), (16, [80, 300, 420, 900]),
+                                                (0, [0, 0, 500, 1000])])
+def test_locality_one_region_prompt_changes_only_its_mask(comfy, base, feather_px, cat_box):
+    """With no global step yet (p1 = 1, no interleave), a region's prompt reaches nothing outside its mask.
+    A cat filling the left half also shrinks the background pass to the right half's window."""
     model, clip = base
-    boxes = {"cat": [80, 300, 420, 900], "dog": [560, 120, 940, 600]}
+    boxes = {"cat": cat_box, "dog": [560, 120, 940, 600]}
     a_layout = layout_of("a garden", ("cat", "a black cat", boxes["cat"]), ("dog", "a brown dog", boxes["dog"]))
     b_layout = layout_of("a garden", ("cat", "a glowing blue robot", boxes["cat"]),
                          ("dog", "a brown dog", boxes["dog"]))
