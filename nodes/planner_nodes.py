@@ -1,8 +1,9 @@
 """LLMLayoutPlanner: one complex prompt -> a layout, by the chain of thought on an LLM or by rules.
 
 Glue only: model and adapter names are resolved inside ComfyUI's ``LLM`` model folder(s), the backend is
-made by ``mepg_core.planner.backends`` and the plan by ``mepg_core.planner.chain``. torch, transformers
-and peft are imported by the transformers backend when it is first used, so the pack always loads.
+made by ``mepg_core.planner.backends`` and the plan by ``mepg_core.planner.chain``. transformers and peft
+are imported by the transformers backend when it is first used, so the pack always loads. A local LLM is
+held through ComfyUI's memory manager, like ComfyUI's own text encoders.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..mepg_core.layout import MAX_REGIONS
@@ -207,20 +211,51 @@ def clear_plan_cache() -> None:
         _PLAN_CACHE.clear()
 
 
-class _Interruptible(ChatBackend):
-    """The backend, with ComfyUI's cancel check before every model call (repair rounds included)."""
+class _LLMModule(torch.nn.Module):
+    """The planner's LLM as one module that ComfyUI's ModelPatcher can move between devices."""
 
-    def __init__(self, inner: ChatBackend):
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+
+# Local LLM backends -> their ModelPatcher; an entry goes when its backend is dropped from the backend cache.
+_MANAGED_LLMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _managed_patcher(backend: ChatBackend, load_device, offload_device):
+    """A ModelPatcher that lets ComfyUI's memory manager hold a local LLM like its own text encoders: loaded
+    to ``load_device`` before the planner uses it, offloaded when sampling needs the memory, and released
+    by ComfyUI's *Unload models*."""
+    patcher = _MANAGED_LLMS.get(backend)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(_LLMModule(backend.model), load_device=load_device,
+                                                   offload_device=offload_device)
+        _MANAGED_LLMS[backend] = patcher
+    return patcher
+
+
+class _Interruptible(ChatBackend):
+    """The backend, with ComfyUI's cancel check before every model call (repair rounds included) and, for a
+    local LLM, its weights loaded through ComfyUI's memory manager first."""
+
+    def __init__(self, inner: ChatBackend, patcher=None):
         self.inner = inner
         self.name = inner.name
         self.has_adapter = inner.has_adapter
+        self.patcher = patcher
+
+    def _prepare(self) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.patcher is not None:
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
 
     def generate(self, messages, **options):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        self._prepare()
         return self.inner.generate(messages, **options)
 
     async def agenerate(self, messages, **options):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        self._prepare()
         return await self.inner.agenerate(messages, **options)
 
     def cache_key(self) -> str:
@@ -391,7 +426,8 @@ class LLMLayoutPlanner(io.ComfyNode):
                         result = await aplan_with_backend(prompt, _Interruptible(chat), progress=_progress_bar(),
                                                           **options)
                     else:
-                        result = plan_with_backend(prompt, _Interruptible(chat), progress=_progress_bar(), **options)
+                        result = plan_with_backend(prompt, _Interruptible(chat, _MANAGED_LLMS.get(chat)),
+                                                   progress=_progress_bar(), **options)
                     _remember_plan(key, result)
         except PlanningError as exc:
             raise ValueError(f"{NODE_NAME}: {exc}") from None
@@ -413,9 +449,18 @@ class LLMLayoutPlanner(io.ComfyNode):
     def _transformers_backend(model: str, adapter: str) -> ChatBackend:
         model_path = resolve_model(model)
         adapter_path = resolve_adapter(adapter)
-        device = str(comfy.model_management.get_torch_device())
+        # Loaded where ComfyUI offloads text encoders, in the precision the load device runs best; ComfyUI's
+        # memory manager moves it to the load device for each plan (see _managed_patcher).
+        load_device = comfy.model_management.text_encoder_device()
+        offload_device = comfy.model_management.text_encoder_offload_device()
+        dtype = "auto"
+        if load_device.type != "cpu":
+            dtype = "bfloat16" if comfy.model_management.should_use_bf16(load_device) else "float16"
         try:
-            return load_transformers_backend(model_path, adapter_path=adapter_path, device=device)
+            backend = load_transformers_backend(model_path, adapter_path=adapter_path, device=str(offload_device),
+                                                dtype=dtype)
+            _managed_patcher(backend, load_device, offload_device)
+            return backend
         except ImportError as exc:
             raise RuntimeError(f"{NODE_NAME}: the transformers backend needs the 'transformers' and 'peft' "
                                f"packages ({exc}); install the pack's requirements.txt") from None

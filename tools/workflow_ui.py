@@ -65,9 +65,10 @@ The file names in this workflow are placeholders: pick your own files in each lo
 fine-tunes work; the more their styles differ, the more the routing matters."""
 
 _ROUTING = """How regions find their expert: each Expert Stack Loader has a name and style tags. A region whose
-'style' matches a tag (photo, anime, watercolor, oil painting, ...; synonyms such as photorealistic
-and realism count) is denoised by the experts with that tag; a region whose 'expert' names one is forced to it; anything else follows the gate (uniform unless
-you load trained gates). Nothing is downloaded: without the files the run stops with the missing name."""
+'style' matches a tag (photo, anime, watercolor, oil painting, ...; synonyms such as photorealistic and
+realism count) is denoised by the experts with that tag; a region whose 'expert' names one is forced to
+it; anything else follows the gate (uniform unless you load trained gates). Nothing is downloaded:
+without the files the run stops with the missing name."""
 
 NOTES: dict[str, str] = {
     "mepg_full_sdxl_experts": "\n\n".join([

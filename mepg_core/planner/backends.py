@@ -821,7 +821,11 @@ class TransformersBackend(ChatBackend):
             # No chat template: a plain transcript the base model can continue.
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
             ids = tok(text, return_tensors="pt")["input_ids"]
-        return ids.to(self.device)
+        return ids.to(self.current_device())
+
+    def current_device(self) -> Any:
+        """Where the weights are now (a host's memory manager may have moved them since loading)."""
+        return next(self.model.parameters()).device
 
     def _adapter_context(self, use_adapter: bool) -> Any:
         if self.has_adapter and not use_adapter:
@@ -850,7 +854,8 @@ class TransformersBackend(ChatBackend):
         else:
             config = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, eos_token_id=eos,
                                       pad_token_id=pad)
-        devices = [self.device] if self.device.startswith("cuda") else []
+        device = input_ids.device
+        devices = [device] if device.type == "cuda" else []
         with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):
             # A private RNG stream per call: the same seed gives the same sample, and nothing else's
             # random state moves.

@@ -213,6 +213,35 @@ def test_transformers_garbage_falls_back_to_a_valid_layout(comfy, tiny_llm, monk
     assert time.perf_counter() - started < 1.0
 
 
+def test_local_llm_is_held_by_comfys_memory_manager(comfy, tiny_llm):
+    """The LLM is a model ComfyUI knows: loaded through load_models_gpu for a plan, released by
+    unload_all_models (ComfyUI's *Unload models*), and loaded again by the next plan."""
+    import comfy.model_management as mm
+    import inprocess
+
+    nodes_mod = planner_module()
+    backends = inprocess.pack_module("mepg_core.planner.backends")
+
+    def plan_once():
+        nodes_mod.clear_plan_cache()
+        with one_torch_thread():
+            plan(comfy, "a green kite above a house", backend="transformers", model=tiny_llm, max_regions=2,
+                 repair_rounds=0)
+
+    plan_once()
+    (backend,) = backends._BACKEND_CACHE.values()
+    patcher = nodes_mod._MANAGED_LLMS[backend]
+    assert patcher.model.lm is backend.model
+    weights = sum(t.numel() * t.element_size() for t in backend.model.state_dict().values())
+    assert patcher.model_size() >= weights > 0
+    assert [m for m in mm.current_loaded_models if m.model is patcher]
+    mm.unload_all_models()
+    assert not [m for m in mm.current_loaded_models if m.model is patcher]
+    plan_once()
+    assert [m for m in mm.current_loaded_models if m.model is patcher]
+    assert nodes_mod._MANAGED_LLMS[backend] is patcher  # the same backend and patcher, not a second copy
+
+
 def test_fingerprint_follows_the_model_files(comfy, tiny_llm):
     node = comfy.node(NODE)
     one = node.fingerprint_inputs(backend="transformers", model=tiny_llm, adapter="none")
