@@ -37,6 +37,17 @@ def test_object_info_lists_the_pack(server):
     assert "MEPG_LAYOUT" in info["MEPG_RegionMaskBuilder"]["input"]["required"]["layout"][0]
 
 
+def test_node_help_pages_are_served_where_the_frontend_looks(server):
+    """The frontend fetches a custom node's help from /extensions/<pack folder>/docs/<node id>.md."""
+    info = server.get_json("/object_info")
+    ours = {name: node for name, node in info.items() if name.startswith("MEPG_")}
+    assert len(ours) >= 11
+    for name, node in ours.items():
+        pack_folder = node["python_module"].split(".")[-1]  # "custom_nodes.<folder>"
+        page = server.get_bytes(f"/extensions/{pack_folder}/docs/{name}.md").decode("utf-8")
+        assert page.splitlines()[0] == f"# {node['display_name']}", name
+
+
 def test_layout_preview_workflow(server, artifacts_dir):
     entry = server.run(load("layout_preview_api.json"))
     assert entry["status"]["status_str"] == "success", error_message(entry)
