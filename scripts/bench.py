@@ -31,6 +31,14 @@ BENCH_UNET = {
     "model_channels": 64, "channel_mult": [1, 2, 4], "num_res_blocks": [1, 1, 1],
     "transformer_depth": [0, 1, 2], "transformer_depth_output": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": 2,
 }
+SDXL_UNET = {  # SDXL's own UNet configuration (ComfyUI's model_detection), for pass timings at full size
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
 FULL_CANVAS = {"label": "all", "prompt": "g", "box": [0, 0, 1000, 1000]}
 BENCH_REGIONS = [  # three regions covering 53 % of the canvas, no overlap
     {"label": "dog", "prompt": "a brown dog", "box": [50, 100, 450, 600]},
@@ -39,18 +47,37 @@ BENCH_REGIONS = [  # three regions covering 53 % of the canvas, no overlap
 ]
 
 
-def bench_model():
-    """A ModelPatcher around a random-weight SDXL-architecture UNet (``BENCH_UNET``)."""
+def bench_model(unet: str = "bench"):
+    """A ModelPatcher around a random-weight SDXL-architecture UNet: ``BENCH_UNET`` (31.6 M parameters, for
+    CPUs) or, with ``unet="sdxl"``, SDXL's own configuration (2.6 B; for a GPU machine)."""
     import comfy.model_management as mm
     import comfy.model_patcher
+    import comfy.supported_models
     import make_tiny_models
     from mepg_tiny_models.tiny_sdxl import TINY_UNET_CONFIG, TinySDXL
 
-    config = {**TINY_UNET_CONFIG, **BENCH_UNET}
-    model = TinySDXL(config).get_model({})
-    model.diffusion_model.load_state_dict(make_tiny_models._fill(model.diffusion_model.state_dict(), 0))
+    if unet == "bench":
+        config = {**TINY_UNET_CONFIG, **BENCH_UNET}
+        model = TinySDXL(config).get_model({})
+    else:  # ComfyUI's own SDXL model class, so its memory estimates for batching are SDXL's
+        config = dict(SDXL_UNET)
+        model = comfy.supported_models.SDXL(config).get_model({})
+    if unet == "bench":
+        model.diffusion_model.load_state_dict(make_tiny_models._fill(model.diffusion_model.state_dict(), 0))
+    else:
+        random_init_(model.diffusion_model, 0)  # in place: a filled copy of 2.6 B weights would double the RAM
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device()), config
+
+
+def random_init_(module, seed: int) -> None:
+    """Seeded small normal weights in place (uninitialised memory could hold denormals, which are slow)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def random_cond(seed: int):
@@ -80,10 +107,10 @@ def alternating_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
 CROSS_DENOISE_SIZES = (1024, 512)  # SDXL's native size first (the headline), then the MoE bench's size
 
 
-def bench_cross_denoise(steps: int, size: int | None, repeats: int) -> dict:
+def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = "bench") -> dict:
     """Cross-denoise against plain KSampler at ``size`` or, by default, at each of ``CROSS_DENOISE_SIZES``
     (the first gives the top-level keys, every size is under ``by_size``). The full-canvas-region
-    equivalence is checked at the first size."""
+    equivalence is checked at the first size. ``unet``: see :func:`bench_model`."""
     import torch
 
     nodes = inprocess.load_pack(BASE, with_tiny_models=True)
@@ -92,7 +119,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int) -> dict:
     layout_mod = inprocess.pack_module("mepg_core.layout")
     regions_mod = inprocess.pack_module("mepg_core.regions")
 
-    model, config = bench_model()
+    model, config = bench_model(unet)
     positive, negative = random_cond(1), random_cond(2)
     settings = cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, 32)
     n_local = cd.stage_plan(steps, settings).count(cd.LOCAL)
@@ -147,7 +174,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int) -> dict:
         "max_abs_err_full_canvas_region": float((full_out - ref).abs().max()),
         "size_px": head["size_px"], "by_size": by_size, "repeats": repeats, "steps": steps,
         "local_steps": n_local, "interleave": settings.interleave, "context_margin_px": 32,
-        "config": config, "goal": "ratio <= 1.60",
+        "unet": unet, "device": str(model.load_device), "config": config, "goal": "ratio <= 1.60",
     }
 
 
@@ -305,14 +332,6 @@ def bench_gate_training(steps: int, size: int, repeats: int = 1) -> dict:
     }
 
 
-SDXL_UNET = {  # SDXL's own UNet configuration (ComfyUI's model_detection), for pass timings at full size
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 SDXL_BENCH_MIN_RAM_GB = 16.0
 
 
@@ -339,11 +358,9 @@ def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> 
     regions_mod = inprocess.pack_module("mepg_core.regions")
 
     unet = UNetModel(**SDXL_UNET, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in unet.parameters():  # small normal weights: uninitialised memory could hold denormals
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    random_init_(unet, 0)
     unet.eval()
+    g = torch.Generator().manual_seed(1)
     params = sum(p.numel() for p in unet.parameters())
     context, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 2816, generator=g)
 
@@ -400,11 +417,15 @@ def main() -> int:
                     help="image side in pixels (latent = size / 8); default 512, and for cross_denoise both "
                          "1024 (SDXL's native size, the headline) and 512")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (interleaved; medians reported)")
+    ap.add_argument("--unet", choices=("bench", "sdxl"), default="bench",
+                    help="cross_denoise only: the 31.6 M-parameter bench UNet, or SDXL's own 2.6 B-parameter "
+                         "configuration (random weights; meant for a GPU machine)")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
         size = a.size if a.size or name.startswith("cross_denoise") else 512
-        result = BENCHES[name](a.steps, size, a.repeats)
+        extra = {"unet": a.unet} if name == "cross_denoise" else {}
+        result = BENCHES[name](a.steps, size, a.repeats, **extra)
         result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
         path = RESULTS / f"{name}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
