@@ -286,10 +286,10 @@ def main() -> int:
         print(f"  {path.relative_to(ROOT)}")
     if not real:
         print()
-        log("NOTE: image.png was sampled with seeded RANDOM-WEIGHT SDXL-architecture checkpoints made on the fly, "
-            "because no SDXL")
-        log("weights can ship with the pack: it is noise by design. Use real checkpoints (first = base, then "
-            "the experts):")
+        log("NOTE: image.png is noise by design: it was sampled with seeded RANDOM-WEIGHT SDXL-architecture "
+            "checkpoints made on the fly,")
+        log("as no SDXL weights can ship with the pack. For a real picture, use real checkpoints (first = base, "
+            "then the experts):")
         log('  make demo CHECKPOINTS="sd_xl_base_1.0.safetensors realismEngineSDXL_v30VAE.safetensors '
             'animagineXLV31_v31.safetensors"')
     return 0
