@@ -13,11 +13,10 @@ from .planner.lexicon import STYLE_PHRASES
 
 # Words seen in expert tags and checkpoint names that the planner's phrase list does not hold.
 _TAG_ALIASES = {
-    "realism": "photo", "real": "photo", "photography": "photo", "photoreal": "photo", "cinematic": "photo",
-    "painting": "painting", "painted": "painting", "paint": "painting", "gouache": "painting",
-    "illustration": "illustration", "illustrated": "illustration", "ink": "illustration",
+    "realism": "photo", "real": "photo", "photography": "photo", "cinematic": "photo",
+    "painted": "painting", "paint": "painting", "gouache": "painting",
+    "illustrated": "illustration", "ink": "illustration",
     "render": "3d render", "3d-render": "3d render",
-    "pixel": "pixel art",
 }
 
 _FAMILY = {
