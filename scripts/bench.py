@@ -39,6 +39,7 @@ SDXL_UNET = {  # SDXL's own UNet configuration (ComfyUI's model_detection), for 
     "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+CONTEXT_MARGIN_PX = 32
 FULL_CANVAS = {"label": "all", "prompt": "g", "box": [0, 0, 1000, 1000]}
 BENCH_REGIONS = [  # three regions covering 53 % of the canvas, no overlap
     {"label": "dog", "prompt": "a brown dog", "box": [50, 100, 450, 600]},
@@ -59,12 +60,10 @@ def bench_model(unet: str = "bench"):
     if unet == "bench":
         config = {**TINY_UNET_CONFIG, **BENCH_UNET}
         model = TinySDXL(config).get_model({})
+        model.diffusion_model.load_state_dict(make_tiny_models._fill(model.diffusion_model.state_dict(), 0))
     else:  # ComfyUI's own SDXL model class, so its memory estimates for batching are SDXL's
         config = dict(SDXL_UNET)
         model = comfy.supported_models.SDXL(config).get_model({})
-    if unet == "bench":
-        model.diffusion_model.load_state_dict(make_tiny_models._fill(model.diffusion_model.state_dict(), 0))
-    else:
         random_init_(model.diffusion_model, 0)  # in place: a filled copy of 2.6 B weights would double the RAM
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device()), config
@@ -78,6 +77,17 @@ def random_init_(module, seed: int) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def bench_settings(cdn):
+    """The cross-denoise schedule both cross-denoise benches use: the node defaults (p1 0.7, interleave 4,
+    alpha 1, ``CONTEXT_MARGIN_PX``)."""
+    return cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, CONTEXT_MARGIN_PX)
+
+
+def bench_plan(cd, rs, settings, steps: int):
+    """The local plan (windows, clipped masks) of the region set ``rs``."""
+    return cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings, steps)
 
 
 def random_cond(seed: int):
@@ -121,7 +131,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
 
     model, config = bench_model(unet)
     positive, negative = random_cond(1), random_cond(2)
-    settings = cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, 32)
+    settings = bench_settings(cdn)
     n_local = cd.stage_plan(steps, settings).count(cd.LOCAL)
 
     def region_set(regions, px):
@@ -143,7 +153,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
                                          settings, 1.0)
 
         three = region_set(BENCH_REGIONS, px)
-        plan = cd.make_local_plan(three.latent_masks(), [r.latent_box for r in three.regions], settings, steps)
+        plan = bench_plan(cd, three, settings, steps)
         plain()  # warm-up: the first call at a size pays one-time costs
         outs, med = alternating_medians({"plain": plain, "mepg": lambda: mepg(three)}, repeats)
         figures = {
@@ -151,6 +161,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
             "ratio": round(med["mepg"] / med["plain"], 3), "step_s_plain": round(med["plain"] / steps, 4),
             "window_area_over_canvas": round(cd.window_coverage(plan, px // 8, px // 8), 4),
         }
+
         def full_canvas_region():  # one region over the whole picture, prompted with the global prompt
             rs = region_set([FULL_CANVAS], px)
             rs.regions[0].conditioning = positive
@@ -173,7 +184,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
         "plain_s": head["plain_s"], "mepg_s": head["mepg_s"], "ratio": head["ratio"],
         "max_abs_err_full_canvas_region": float((full_out - ref).abs().max()),
         "size_px": head["size_px"], "by_size": by_size, "repeats": repeats, "steps": steps,
-        "local_steps": n_local, "interleave": settings.interleave, "context_margin_px": 32,
+        "local_steps": n_local, "interleave": settings.interleave, "context_margin_px": CONTEXT_MARGIN_PX,
         "unet": unet, "device": str(model.load_device), "config": config, "goal": "ratio <= 1.60",
     }
 
@@ -349,17 +360,12 @@ def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> 
     if available_gb < SDXL_BENCH_MIN_RAM_GB:
         return {"skipped": f"needs {SDXL_BENCH_MIN_RAM_GB:.0f} GB of free RAM, {available_gb:.1f} GB available"}
     inprocess.load_pack(BASE, with_tiny_models=True)
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
     cd = inprocess.pack_module("mepg_core.cross_denoise")
     cdn = inprocess.pack_module("nodes.cross_denoise_nodes")
     layout_mod = inprocess.pack_module("mepg_core.layout")
     regions_mod = inprocess.pack_module("mepg_core.regions")
 
-    unet = UNetModel(**SDXL_UNET, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
-    random_init_(unet, 0)
-    unet.eval()
+    unet = bench_model("sdxl")[0].model.diffusion_model  # called directly, on the CPU where it was made
     g = torch.Generator().manual_seed(1)
     params = sum(p.numel() for p in unet.parameters())
     context, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 2816, generator=g)
@@ -376,16 +382,14 @@ def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> 
             timings[h, w] = time.perf_counter() - t
         return timings[h, w]
 
-    settings = cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, 32)
-    plan_stages = cd.stage_plan(steps, settings)
-    n_local = plan_stages.count(cd.LOCAL)
+    settings = bench_settings(cdn)
+    n_local = cd.stage_plan(steps, settings).count(cd.LOCAL)
     layout = layout_mod.parse_layout({"version": 1, "global_prompt": "g", "regions": BENCH_REGIONS})[0]
     pass_seconds(16, 16)  # warm-up
     by_size = []
     for px in (size,) if size else CROSS_DENOISE_SIZES:
         lat = px // 8
-        rs = regions_mod.build_region_set(layout, px, px)
-        plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings, steps)
+        plan = bench_plan(cd, regions_mod.build_region_set(layout, px, px), settings, steps)
         _, bg_weight = cd.fusion_weights(plan, 1.0)
         bg = cd.background_window(bg_weight, settings.context_margin, settings.align)
         full_s = pass_seconds(lat, lat)
@@ -401,7 +405,7 @@ def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> 
     return {
         "model": "SDXL UNet architecture, random weights, float32, CPU", "unet_parameters": params,
         "regions": len(BENCH_REGIONS), "p1": settings.p1, "interleave": settings.interleave, "steps": steps,
-        "local_steps": n_local, "context_margin_px": 32, "by_size": by_size, "goal": "ratio <= 1.60",
+        "local_steps": n_local, "context_margin_px": CONTEXT_MARGIN_PX, "by_size": by_size, "goal": "ratio <= 1.60",
     }
 
 
