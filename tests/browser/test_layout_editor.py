@@ -130,8 +130,13 @@ def test_drag_a_box_pick_an_expert_queue_and_read_history(browser_server, page, 
 
     # The preview image arrives in the page; keep a screenshot of the editor and the result.
     page.wait_for_selector("text=Ran with your edits")
-    page.wait_for_function("() => [...document.images].some(i => i.src.includes('/view?') && i.complete "
-                           "&& i.naturalWidth > 0)")
+    # The frontend decodes it into the Preview Image node's ``imgs`` (drawn on the canvas); a DOM <img>
+    # appears only where a panel shows it too, so either one counts as arrived and decoded.
+    page.wait_for_function(f"""() => {{
+        const loaded = i => i && i.src.includes('/view?') && i.complete && i.naturalWidth > 0;
+        const node = {APP}.graph.getNodeById(6);
+        return (node?.imgs ?? []).some(loaded) || [...document.images].some(loaded);
+    }}""")
     page.screenshot(path=str(artifacts_dir / "browser_layout_editor.png"))
     assert dialogs == []
 
