@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import weakref
@@ -27,8 +28,10 @@ from ..mepg_core.layout import MAX_REGIONS
 from ..mepg_core.planner.backends import (
     AdapterMismatchError,
     BackendError,
+    CallInterrupted,
     ChatBackend,
     EndpointHTTPError,
+    EndpointTimeoutError,
     ModelNotFoundError,
     OpenAIBackend,
     load_transformers_backend,
@@ -44,6 +47,7 @@ from ..mepg_core.planner.chain import (
     plan_with_backend,
 )
 from ..mepg_core.planner.frontend import check_api_key_env, describe_plan
+from ..mepg_core.planner.http_client import Target
 from .types import CATEGORY, LayoutType
 
 log = logging.getLogger("mepg")
@@ -57,7 +61,8 @@ ON_BACKEND_ERROR = ("error", "fallback")
 MAX_SIZE = 16384
 MAX_SEED = 0xFFFFFFFF
 SCAN_DEPTH = 3  # folder levels searched below each LLM folder (and below its adapters folder)
-ENDPOINT_TIMEOUT_S = 300.0
+ENDPOINT_TIMEOUT_S = 30.0  # default deadline of one model call, retries included
+MAX_ENDPOINT_TIMEOUT_S = 3600.0
 ENDPOINT_RETRIES = 2
 DEFAULT_PROMPT = ("two red apples on a wooden table, a blue cup to the right of the table, "
                   "a watercolor cat above the cup")
@@ -355,6 +360,13 @@ class LLMLayoutPlanner(io.ComfyNode):
                                        "timeout): 'error' stops the run with the reason; 'fallback' logs it "
                                        "and plans with step 0's plan or the offline planner. Unusable "
                                        "answers always fall back."),
+                io.Float.Input("endpoint_timeout", default=ENDPOINT_TIMEOUT_S, min=1.0,
+                               max=MAX_ENDPOINT_TIMEOUT_S, step=1.0, optional=True,
+                               tooltip=f"For the openai backend: the most seconds one model call may take, "
+                                       f"retries included (default {ENDPOINT_TIMEOUT_S:g} s; each step makes "
+                                       "one call, plus one per repair round). A server that has not answered "
+                                       "by then fails the step (see on_backend_error). Raise it for a slow "
+                                       "model. Cancel stops a waiting call within a second."),
             ],
             outputs=[
                 LayoutType.Output("layout", display_name="layout",
@@ -368,11 +380,18 @@ class LLMLayoutPlanner(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, backend: str, model: str, adapter: str) -> bool | str:
+    def validate_inputs(cls, backend: str, model: str, adapter: str, endpoint_url: str | None = None
+                        ) -> bool | str:
         """Model and adapter names are checked only for the transformers backend, so a shared workflow that
-        plans offline or over HTTP runs where the author's model files do not exist."""
+        plans offline or over HTTP runs where the author's model files do not exist. An endpoint URL with
+        credentials in it is refused at queue time, before the prompt (and the key) reaches the history."""
         if backend not in BACKENDS:
             return f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+        if backend == "openai" and isinstance(endpoint_url, str):
+            try:
+                Target.parse(endpoint_url, "endpoint_url")
+            except BackendError as exc:
+                return str(exc)
         if backend != "transformers":
             return True
         if model == NONE:
@@ -396,8 +415,8 @@ class LLMLayoutPlanner(io.ComfyNode):
     @classmethod
     async def execute(cls, prompt: str, backend: str, model: str, adapter: str, endpoint_url: str,
                       endpoint_model: str, api_key_env: str, seed: int, temperature: float, max_regions: int,
-                      width: int, height: int, repair_rounds: int, on_backend_error: str = "error"
-                      ) -> io.NodeOutput:
+                      width: int, height: int, repair_rounds: int, on_backend_error: str = "error",
+                      endpoint_timeout: float = ENDPOINT_TIMEOUT_S) -> io.NodeOutput:
         if backend not in BACKENDS:
             raise ValueError(f"{NODE_NAME}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if on_backend_error not in ON_BACKEND_ERROR:
@@ -417,7 +436,7 @@ class LLMLayoutPlanner(io.ComfyNode):
                     chat = cls._transformers_backend(model, adapter)
                     notes += getattr(chat, "warnings", [])
                 else:
-                    chat, note = cls._openai_backend(endpoint_url, endpoint_model, api_key_env)
+                    chat, note = cls._openai_backend(endpoint_url, endpoint_model, api_key_env, endpoint_timeout)
                     notes += [note] if note else []
                 key = plan_cache_key(prompt, chat, **options)
                 result = _cached_plan(key)
@@ -431,6 +450,12 @@ class LLMLayoutPlanner(io.ComfyNode):
                     _remember_plan(key, result)
         except PlanningError as exc:
             raise ValueError(f"{NODE_NAME}: {exc}") from None
+        except CallInterrupted:
+            # ComfyUI's cancel: reported by ComfyUI as an interruption, never as a failing endpoint.
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise comfy.model_management.InterruptProcessingException() from None
+        except EndpointTimeoutError as exc:
+            raise _failure(backend, exc, " (raise endpoint_timeout for a slow model, or check the server)") from None
         except EndpointHTTPError as exc:
             hint = ""
             if exc.status in (401, 403):
@@ -470,7 +495,8 @@ class LLMLayoutPlanner(io.ComfyNode):
             raise FileNotFoundError(f"{NODE_NAME}: model {model!r}: {exc}") from None
 
     @staticmethod
-    def _openai_backend(endpoint_url: str, endpoint_model: str, api_key_env: str) -> tuple[ChatBackend, str]:
+    def _openai_backend(endpoint_url: str, endpoint_model: str, api_key_env: str, timeout: float
+                        ) -> tuple[ChatBackend, str]:
         try:
             env_name = check_api_key_env(api_key_env)
         except ValueError as exc:
@@ -480,9 +506,14 @@ class LLMLayoutPlanner(io.ComfyNode):
             note = f"no API key sent: the environment variable {env_name} is not set"
             log.info("MEPG planner: %s", note)
             env_name = None
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or not 0 < timeout <= MAX_ENDPOINT_TIMEOUT_S:
+            raise ValueError(f"{NODE_NAME}: endpoint_timeout must be a number of seconds in (0, "
+                             f"{MAX_ENDPOINT_TIMEOUT_S:g}], got {timeout!r}")
         try:
-            return OpenAIBackend(endpoint_url, endpoint_model, api_key_env=env_name, timeout=ENDPOINT_TIMEOUT_S,
-                                 max_retries=ENDPOINT_RETRIES), note
+            return OpenAIBackend(endpoint_url, endpoint_model, api_key_env=env_name, timeout=float(timeout),
+                                 max_retries=ENDPOINT_RETRIES,
+                                 should_cancel=comfy.model_management.processing_interrupted), note
         except BackendError as exc:
             raise ValueError(f"{NODE_NAME}: {exc}") from None
 

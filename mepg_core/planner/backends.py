@@ -10,9 +10,10 @@ names everything about the backend that decides its answers (never a secret).
   and switched on per call: ``use_adapter=True`` for the planner's step 0, off (``disable_adapter()``)
   otherwise. The adapter's shapes and recorded base model are checked against the loaded model.
 * :class:`OpenAIBackend` - ``POST {base}/v1/chat/completions`` on any OpenAI-compatible server (Ollama,
-  llama.cpp, vLLM, ``transformers serve``). Standard library for the synchronous call, aiohttp (which
-  ComfyUI ships) for the asynchronous one. The API key is read from an environment variable whose *name*
-  is given; bounded retries with exponential backoff on connection errors, timeouts, 429 and 5xx.
+  llama.cpp, vLLM, ``transformers serve``) through :mod:`.http_client` (standard library; the
+  asynchronous call never blocks the event loop). Each call has a total deadline and an optional cancel
+  check. The API key is read from an environment variable whose *name* is given; bounded retries with
+  exponential backoff on connection failures, 429 and 5xx, never on answers that are not valid HTTP.
 * :class:`CallableBackend` - wraps a Python function (tests, other code).
 
 torch, transformers and peft are imported only when a :class:`TransformersBackend` is made.
@@ -23,31 +24,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import http.client
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import http_client
+from .errors import (
+    AdapterMismatchError,
+    BackendError,
+    CallInterrupted,
+    EndpointBadResponseError,
+    EndpointError,
+    EndpointHTTPError,
+    EndpointResponseTooLargeError,
+    EndpointTimeoutError,
+    EndpointUnreachableError,
+    ModelNotFoundError,
+)
+from .http_client import CallBudget, Target
+
 __all__ = [
     "ADAPTER_SIDECAR",
     "AdapterMismatchError",
     "BackendError",
+    "CallInterrupted",
     "CallableBackend",
     "ChatBackend",
     "EndpointBadResponseError",
     "EndpointError",
     "EndpointHTTPError",
+    "EndpointResponseTooLargeError",
     "EndpointTimeoutError",
     "EndpointUnreachableError",
     "JSONEndScanner",
@@ -69,44 +86,9 @@ logger = logging.getLogger("mepg.planner.backends")
 ADAPTER_SIDECAR = "mepg_adapter.json"
 _GGUF_CACHE_MARKER = "mepg_gguf_cache.json"
 _MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+#: the default deadline of one endpoint call, retries included (a planner step makes one call per round)
+DEFAULT_ENDPOINT_TIMEOUT_S = 30.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class BackendError(RuntimeError):
-    """A backend could not answer (a missing model, a broken endpoint ...). The message says what to fix."""
-
-
-class ModelNotFoundError(BackendError, FileNotFoundError):
-    """A model or adapter path that does not exist or holds no usable files."""
-
-
-class AdapterMismatchError(BackendError):
-    """A LoRA adapter trained for another base model than the one loaded."""
-
-
-class EndpointError(BackendError):
-    """An OpenAI-compatible endpoint failed. ``url`` is the request URL; ``status`` the HTTP status if any."""
-
-    def __init__(self, message: str, *, url: str = "", status: int | None = None):
-        super().__init__(message)
-        self.url = url
-        self.status = status
-
-
-class EndpointUnreachableError(EndpointError):
-    """Nothing answered at the URL (connection refused, unknown host ...)."""
-
-
-class EndpointTimeoutError(EndpointError):
-    """The endpoint took longer than the timeout."""
-
-
-class EndpointHTTPError(EndpointError):
-    """The endpoint answered with an HTTP error status."""
-
-
-class EndpointBadResponseError(EndpointError):
-    """The endpoint answered, but not with a chat completion in JSON."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,17 +202,21 @@ def _as_text(out: Any, who: str) -> str:
 class OpenAIBackend(ChatBackend):
     """An OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
-    ``base_url``: ``http://host:port``, ``http://host:port/v1`` or the full ``.../chat/completions`` URL.
-    ``api_key_env``: the NAME of an environment variable holding the key (read at each request, never
-    stored or shown); empty for servers without authentication. ``timeout``: seconds per request.
-    ``max_retries``: extra attempts after a connection error, a timeout, HTTP 429 or 5xx, waiting
-    ``backoff * 2**n`` seconds (capped at 30) before attempt ``n + 1``.
+    ``base_url``: ``http://host:port``, ``http://host:port/v1`` or the full ``.../chat/completions`` URL
+    (no user-info: keys come from the environment). ``api_key_env``: the NAME of an environment variable
+    holding the key (read at each request, never stored or shown); empty for servers without
+    authentication. ``timeout``: the most seconds one call may take, retries and their waits included.
+    ``max_retries``: extra attempts after a failure to connect, HTTP 429 or 5xx, waiting
+    ``backoff * 2**n`` seconds (capped at 30) before attempt ``n + 1`` while the deadline allows; an
+    answer that is not valid HTTP or JSON is never retried. ``should_cancel()``: polled while a call
+    waits (see :class:`~.http_client.CallBudget`); true ends the call within
+    :data:`~.http_client.POLL_S` seconds with :class:`~.errors.CallInterrupted`.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 2, backoff: float = 0.5, extra_body: dict[str, Any] | None = None):
-        if not isinstance(base_url, str) or not re.match(r"^https?://[^\s/]+", base_url.strip()):
-            raise BackendError(f"endpoint URL must start with http:// or https://, got {base_url!r}")
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
+                 timeout: float = DEFAULT_ENDPOINT_TIMEOUT_S, max_retries: int = 2, backoff: float = 0.5,
+                 extra_body: dict[str, Any] | None = None, should_cancel: Callable[[], bool] | None = None):
+        target = Target.parse(_chat_url(base_url))
         if not isinstance(model, str) or not model.strip():
             raise BackendError("endpoint model name is empty; give the model the server should use")
         if api_key_env:
@@ -238,24 +224,30 @@ class OpenAIBackend(ChatBackend):
                 # Someone pasted the key itself: refuse without echoing it.
                 raise BackendError("api_key_env must be the NAME of an environment variable (letters, digits, "
                                    "underscores), not the key itself")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or timeout <= 0:
             raise BackendError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 10:
             raise BackendError(f"max_retries must be an integer in [0, 10], got {max_retries!r}")
-        self.url = _chat_url(base_url.strip())
+        if should_cancel is not None and not callable(should_cancel):
+            raise BackendError("should_cancel must be a callable returning True to cancel")
+        self._target = target
+        self.url = target.shown  # what messages, logs and cache keys show (never a secret)
+        self._url_digest = hashlib.sha256(target.path.encode()).hexdigest()[:16]
         self.model = model.strip()
         self.api_key_env = api_key_env or None
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = max(0.0, float(backoff))
         self.extra_body = dict(extra_body or {})
+        self.should_cancel = should_cancel
         self.name = f"openai:{self.model}"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def cache_key(self) -> str:
-        return json.dumps({"kind": "openai", "url": self.url, "model": self.model,
+        return json.dumps({"kind": "openai", "url": self.url, "path": self._url_digest, "model": self.model,
                            "api_key_env": self.api_key_env, "extra": self.extra_body}, sort_keys=True)
 
     # The request
@@ -283,7 +275,7 @@ class OpenAIBackend(ChatBackend):
             raise EndpointHTTPError(f"{self.url} answered HTTP {status}: {detail}", url=self.url, status=status)
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise EndpointBadResponseError(f"{self.url} did not answer JSON (HTTP {status}): {_snippet(text)}",
                                            url=self.url, status=status) from None
         try:
@@ -300,7 +292,7 @@ class OpenAIBackend(ChatBackend):
 
     @staticmethod
     def _retryable(exc: EndpointError) -> bool:
-        if isinstance(exc, (EndpointUnreachableError, EndpointTimeoutError)):
+        if isinstance(exc, EndpointUnreachableError):
             return True
         return isinstance(exc, EndpointHTTPError) and exc.status is not None and (exc.status == 429 or
                                                                                  exc.status >= 500)
@@ -313,81 +305,60 @@ class OpenAIBackend(ChatBackend):
             exc.args = (f"{exc.args[0]} (after {attempts} attempts)",)
         return exc
 
-    # Synchronous (standard library)
+    def _retry_delay(self, exc: EndpointError, attempt: int, budget: CallBudget) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up now."""
+        if attempt >= self.max_retries or not self._retryable(exc):
+            return None
+        delay = self._delay(attempt)
+        if delay >= budget.remaining():
+            return None  # the deadline would pass while waiting
+        logger.warning("planner endpoint: %s; retrying (%d/%d)", exc, attempt + 1, self.max_retries)
+        return delay
 
     def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
         body = self._body(messages, temperature, seed, max_new_tokens)
         headers = self._headers()
+        budget = CallBudget(self.timeout, self.should_cancel)
         for attempt in range(self.max_retries + 1):
             try:
-                return self._post_once(body, headers)
+                reply = http_client.post(self._target, body, headers, budget=budget, max_bytes=_MAX_RESPONSE_BYTES)
+                return self._parse(reply.status, reply.body)
             except EndpointError as exc:
-                if attempt >= self.max_retries or not self._retryable(exc):
+                delay = self._retry_delay(exc, attempt, budget)
+                if delay is None:
                     raise self._give_up(exc, attempt + 1) from None
-                logger.warning("endpoint %s: %s; retrying (%d/%d)", self.url, exc, attempt + 1, self.max_retries)
-                time.sleep(self._delay(attempt))
+            http_client.sleep(delay, budget, self.url)
         raise AssertionError("unreachable")
-
-    def _post_once(self, body: bytes, headers: dict[str, str]) -> str:
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked
-                return self._parse(resp.status, resp.read(_MAX_RESPONSE_BYTES))
-        except urllib.error.HTTPError as exc:
-            raw = exc.read(_MAX_RESPONSE_BYTES) if exc.fp is not None else b""
-            return self._parse(exc.code, raw)
-        except http.client.HTTPException as exc:  # a broken HTTP answer (bad status line, cut short ...)
-            raise EndpointBadResponseError(f"{self.url} sent a broken HTTP answer: {type(exc).__name__}: {exc}",
-                                           url=self.url) from None
-        except (TimeoutError, OSError, urllib.error.URLError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError) or "timed out" in str(reason):
-                raise EndpointTimeoutError(f"{self.url} did not answer within {self.timeout:g} s",
-                                           url=self.url) from None
-            raise EndpointUnreachableError(f"cannot reach {self.url}: {reason}", url=self.url) from None
-
-    # Asynchronous (aiohttp when present, else the standard library in a thread)
 
     async def agenerate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
-        try:
-            import aiohttp
-        except ImportError:
-            return await super().agenerate(messages, temperature=temperature, seed=seed,
-                                           max_new_tokens=max_new_tokens, use_adapter=use_adapter, tag=tag)
         body = self._body(messages, temperature, seed, max_new_tokens)
         headers = self._headers()
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            for attempt in range(self.max_retries + 1):
-                try:
-                    return await self._apost_once(session, aiohttp, body, headers)
-                except EndpointError as exc:
-                    if attempt >= self.max_retries or not self._retryable(exc):
-                        raise self._give_up(exc, attempt + 1) from None
-                    logger.warning("endpoint %s: %s; retrying (%d/%d)", self.url, exc, attempt + 1,
-                                   self.max_retries)
-                    await asyncio.sleep(self._delay(attempt))
+        budget = CallBudget(self.timeout, self.should_cancel)
+        for attempt in range(self.max_retries + 1):
+            try:
+                reply = await http_client.apost(self._target, body, headers, budget=budget,
+                                                max_bytes=_MAX_RESPONSE_BYTES)
+                return self._parse(reply.status, reply.body)
+            except EndpointError as exc:
+                delay = self._retry_delay(exc, attempt, budget)
+                if delay is None:
+                    raise self._give_up(exc, attempt + 1) from None
+            await http_client.asleep(delay, budget, self.url)
         raise AssertionError("unreachable")
 
-    async def _apost_once(self, session: Any, aiohttp: Any, body: bytes, headers: dict[str, str]) -> str:
-        try:
-            async with session.post(self.url, data=body, headers=headers) as resp:
-                raw = await resp.content.read(_MAX_RESPONSE_BYTES)
-                return self._parse(resp.status, raw)
-        except asyncio.TimeoutError:
-            raise EndpointTimeoutError(f"{self.url} did not answer within {self.timeout:g} s",
-                                       url=self.url) from None
-        except aiohttp.ClientError as exc:
-            raise EndpointUnreachableError(f"cannot reach {self.url}: {exc}", url=self.url) from None
 
-
-def _chat_url(base: str) -> str:
-    base = base.rstrip("/")
-    if base.endswith("/chat/completions"):
+def _chat_url(base: Any) -> Any:
+    """The chat-completions URL for a base URL (query kept); anything unparsable is left to Target.parse."""
+    if not isinstance(base, str):
         return base
-    if re.search(r"/v\d+$", base):
-        return base + "/chat/completions"
-    return base + "/v1/chat/completions"
+    try:
+        parts = urllib.parse.urlsplit(base.strip())
+    except ValueError:
+        return base
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions" if re.search(r"/v\d+$", path) else "/v1/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path))
 
 
 def _snippet(text: str, limit: int = 200) -> str:

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,57 @@ def test_endpoint_garbage_falls_back_and_the_key_comes_from_the_env(comfy, answe
     assert "path: offline-fallback" in trace and "no JSON object found" in trace
     assert "test-secret-value" not in trace + layout_json
     assert answers.handler.hits == ["Bearer test-secret-value"] * 2  # steps 0 and 1, no repair rounds
+
+
+# --------------------------------------------------------------------------------------------------
+# A stuck endpoint: ComfyUI's interrupt and the node's deadline
+
+
+def test_interrupt_stops_a_stuck_endpoint_call_and_says_interrupted(comfy):
+    import comfy.model_management as mm
+    from misbehaving_http import MisbehavingEndpoint
+
+    with MisbehavingEndpoint("never") as ep:
+        timer = threading.Timer(0.5, mm.interrupt_current_processing, args=(True,))
+        timer.start()
+        started = time.perf_counter()
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                plan(comfy, "a cat", backend="openai", endpoint_url=ep.url, endpoint_model="m", api_key_env="",
+                     on_backend_error="fallback", endpoint_timeout=120.0)
+        finally:
+            timer.cancel()
+        latency = time.perf_counter() - started - 0.5
+        assert latency < 2.0, latency
+        assert not mm.processing_interrupted()  # the flag is consumed, the next prompt runs
+        assert ep.closed_by_client.wait(2)
+
+
+def test_the_endpoint_deadline_is_the_node_input(comfy, monkeypatch):
+    from misbehaving_http import MisbehavingEndpoint
+
+    monkeypatch.setattr(planner_module(), "ENDPOINT_RETRIES", 2)
+    with MisbehavingEndpoint("never") as ep:
+        started = time.perf_counter()
+        with pytest.raises(RuntimeError, match=r"did not answer within 1 s \(raise endpoint_timeout"):
+            plan(comfy, "a cat", backend="openai", endpoint_url=ep.url, endpoint_model="m", api_key_env="",
+                 endpoint_timeout=1.0)
+        assert time.perf_counter() - started < 2.5 and ep.requests == 1
+    with pytest.raises(ValueError, match="endpoint_timeout must be a number of seconds"):
+        plan(comfy, "a cat", backend="openai", endpoint_model="m", endpoint_timeout=float("nan"))
+
+
+def test_the_default_deadline_is_well_under_a_minute_and_stated_in_the_tooltip(comfy):
+    schema = comfy.node(NODE).GET_SCHEMA()
+    timeout = next(i for i in schema.inputs if i.id == "endpoint_timeout")
+    assert timeout.default <= 30 and f"default {timeout.default:g} s" in timeout.tooltip and timeout.optional
+
+
+@pytest.mark.parametrize("url", ["http://user:sk-SECRET-42@127.0.0.1:9/v1", "http://sk-SECRET-42@127.0.0.1:9/v1"])
+def test_credentials_in_the_endpoint_url_are_refused_at_queue_time_without_echo(comfy, url):
+    message = comfy.node(NODE).validate_inputs("openai", "none", "none", endpoint_url=url)
+    assert isinstance(message, str) and "credentials" in message and "SECRET" not in message
+    with pytest.raises(ValueError, match="credentials") as info:
+        plan(comfy, "a cat", backend="openai", endpoint_url=url, endpoint_model="m", api_key_env="")
+    assert "SECRET" not in str(info.value)
+    assert comfy.node(NODE).validate_inputs("offline", "none", "none", endpoint_url=url) is True
