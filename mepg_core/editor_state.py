@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layout import Layout, LayoutError, parse_layout, reject_json_constant
+from .layout import Layout, LayoutError, load_json, parse_layout, short_repr
 
 STATE_VERSION = 1
 # 64 regions with every text at its 2000-character limit stay below this.
@@ -102,9 +102,9 @@ def parse_editor_state(text: str | None) -> EditorState:
     if len(text) > MAX_STATE_CHARS:
         raise EditorStateError([f"editor_state: {len(text)} characters; at most {MAX_STATE_CHARS}"])
     try:
-        obj = json.loads(text, parse_constant=reject_json_constant)
+        obj = load_json(text)
     except ValueError as exc:
-        raise EditorStateError([f"editor_state: not valid JSON ({exc})"]) from None
+        raise EditorStateError([f"editor_state: {exc}"]) from None
     if not isinstance(obj, dict):
         raise EditorStateError([f"editor_state: expected a JSON object, got {type(obj).__name__}"])
 
@@ -118,7 +118,7 @@ def parse_editor_state(text: str | None) -> EditorState:
             warnings.append(f"editor_state.{key}: unknown key ignored")
     version = obj.get("version", STATE_VERSION)
     if isinstance(version, bool) or version != STATE_VERSION:
-        problems.append(f"editor_state.version: must be {STATE_VERSION}, got {version!r}")
+        problems.append(f"editor_state.version: must be {STATE_VERSION}, got {_short(version)}")
     source_hash = obj.get("source_hash")
     if source_hash is not None and (not isinstance(source_hash, str) or len(source_hash) > 128):
         problems.append(f"editor_state.source_hash: must be a short string or null, got {_short(source_hash)}")
@@ -180,6 +180,5 @@ def _prefixed(problem: str) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value)
 

@@ -20,6 +20,10 @@ COORD_MAX = 1000
 MAX_REGIONS = 64
 MAX_CANVAS = 16384
 MAX_TEXT_CHARS = 2000
+# A layout is 4 levels deep and an editor state 5; anything far deeper is hostile or broken.
+MAX_JSON_DEPTH = 32
+# Numbers larger than this are never meant (boxes are 0-1000, canvases at most 16384 px).
+MAX_MAGNITUDE = 10**15
 # CLIP reads 77 tokens including start/end; about 0.75 words per token is typical for plain English.
 LONG_PROMPT_WORDS = 55
 
@@ -177,11 +181,15 @@ def parse_layout(
         if not text:
             raise LayoutError(["$: empty text; expected a layout JSON object"])
         try:
-            source = json.loads(text, parse_constant=reject_json_constant)
+            source = load_json(text)
         except ValueError as exc:
-            raise LayoutError([f"$: not valid JSON ({exc})"]) from None
+            raise LayoutError([f"$: {exc}"]) from None
     if not isinstance(source, dict):
         raise LayoutError([f"$: expected a JSON object, got {type(source).__name__}"])
+    try:
+        check_json_depth(source)
+    except ValueError as exc:
+        raise LayoutError([f"$: {exc}"]) from None
 
     rep = _Report()
     obj = source
@@ -233,6 +241,56 @@ def reject_json_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
 
 
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` for text from outside: NaN/Infinity refused and nesting limited to
+    :data:`MAX_JSON_DEPTH`. Raises ValueError with a message ready to follow a path (``"$: ..."``)."""
+    try:
+        value = json.loads(text, parse_constant=reject_json_constant)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    check_json_depth(value)
+    return value
+
+
+def check_json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise ValueError if lists/objects in ``value`` nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise ValueError(f"nested more than {limit} levels deep")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A value for an error message: huge integers by their digit count, long reprs cut to ``limit``."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MAGNITUDE:
+        digits = len(str(abs(value))) if abs(value) < 10**4000 else "over 4000"
+        return f"{'a negative' if value < 0 else 'an'} integer with {digits} digits"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a real, finite number of sensible size (``|v| <= 1e15``), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):
+        return float(value) if abs(value) <= MAX_MAGNITUDE else None
+    return value if math.isfinite(value) and abs(value) <= MAX_MAGNITUDE else None
+
+
 def _parse_canvas(raw: Any, rep: _Report) -> Canvas:
     if raw is None:
         rep.warn("canvas", "missing; assumed 1024x1024")
@@ -243,14 +301,12 @@ def _parse_canvas(raw: Any, rep: _Report) -> Canvas:
     dims = []
     for key in ("width", "height"):
         v = raw.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            rep.error(f"canvas.{key}", f"must be a positive integer, got {v!r}")
-            dims.append(1024)
-        elif v <= 0 or int(v) != v:
-            rep.error(f"canvas.{key}", f"must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not math.isfinite(v) \
+                or v <= 0 or v != int(v):
+            rep.error(f"canvas.{key}", f"must be a positive integer, got {short_repr(v)}")
             dims.append(1024)
         elif v > MAX_CANVAS:
-            rep.error(f"canvas.{key}", f"{int(v)} exceeds the maximum {MAX_CANVAS}")
+            rep.error(f"canvas.{key}", f"{short_repr(v)} exceeds the maximum {MAX_CANVAS}")
             dims.append(1024)
         else:
             dims.append(int(v))
@@ -307,10 +363,11 @@ def _parse_region(raw: Any, path: str, canvas: Canvas, rep: _Report) -> Region |
     weight = raw.get("weight", 1.0)
     if weight is None:
         weight = 1.0
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        rep.error(f"{path}.weight", f"must be a finite number, got {weight!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+            isinstance(weight, float) and not math.isfinite(weight):
+        rep.error(f"{path}.weight", f"must be a finite number, got {short_repr(weight)}")
     elif weight < 0 or weight > 10:
-        rep.error(f"{path}.weight", f"{weight} is outside [0, 10]")
+        rep.error(f"{path}.weight", f"{short_repr(weight)} is outside [0, 10]")
 
     if len(rep.errors) > n_errors or box is None:
         return None
@@ -330,15 +387,18 @@ def _parse_box(raw: Any, path: str, canvas: Canvas, rep: _Report) -> tuple[int, 
     if isinstance(raw, dict) and all(k in raw for k in ("x1", "y1", "x2", "y2")):
         raw = [raw["x1"], raw["y1"], raw["x2"], raw["y2"]]
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
-        rep.error(path, f"expected 4 numbers [x1, y1, x2, y2], got {raw!r}")
+        rep.error(path, f"expected 4 numbers [x1, y1, x2, y2], got {short_repr(raw)}")
         return None
     vals: list[float] = []
     for k, v in zip(("x1", "y1", "x2", "y2"), raw):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            rep.error(path, f"{k} is not a number ({v!r})")
+            rep.error(path, f"{k} is not a number ({short_repr(v)})")
             return None
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):
             rep.error(path, f"{k} is not finite ({v!r})")
+            return None
+        if finite_number(v) is None:
+            rep.error(path, f"{k} is far out of range ({short_repr(v)}); coordinates are 0-1000")
             return None
         vals.append(float(v))
 

@@ -10,21 +10,22 @@
   Names follow ExpertStackLoader's rule (the name widget, else the file name without extension); files
   are only looked up in ComfyUI's model lists, never opened.
 
-Malformed requests get HTTP 400 (413 when too large) with ``{"error": "..."}``. ComfyUI also serves
-every route under ``/api``. Registered once, at pack import, and only when a ``PromptServer`` exists.
+Malformed requests get HTTP 400 (413 when too large, 408 when the body does not arrive in time) with
+``{"error": "..."}`` naming the field. Bodies are read whole, however the client sends them (chunked,
+slow writes). ComfyUI also serves every route under ``/api``. Registered once, at pack import, and only
+when a ``PromptServer`` exists.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import sys
 from typing import Any
 
 from ..mepg_core.editor_state import EditorStateError, check_experts, layout_hash
-from ..mepg_core.layout import MAX_CANVAS, MAX_REGIONS, LayoutError, parse_layout, reject_json_constant
+from ..mepg_core.layout import MAX_CANVAS, MAX_REGIONS, LayoutError, load_json, parse_layout, short_repr
 from ..mepg_core.planner import plan_offline
 
 log = logging.getLogger("mepg")
@@ -36,6 +37,8 @@ MAX_STACK_QUERY_CHARS = 6000  # below aiohttp's 8190-byte request line
 MAX_STACK_ENTRIES = 32
 MAX_NAME_CHARS = 512
 MAX_SEED = 0xFFFFFFFF
+BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is refused (408)
+_READ_CHUNK = 64 * 1024
 KINDS = {"checkpoint": "checkpoints", "lora": "loras"}
 _REGISTERED_FLAG = "_mepg_routes_registered"
 
@@ -52,16 +55,46 @@ def _error(exc: RequestError):
     return web.json_response({"error": str(exc)}, status=exc.status)
 
 
-async def _read_json_object(request, limit: int) -> dict[str, Any]:
+async def read_body(request, limit: int, timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole request body, however it is sent (Content-Length or chunked, in any number of writes).
+
+    413 past ``limit`` bytes (announced or received), 408 when it has not arrived within ``timeout``
+    seconds, 400 when the transfer breaks off.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(f"body: {request.content_length} bytes; at most {limit}", 413)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise RequestError(f"body: more than {limit} bytes", 413)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read_all() -> None:
+        nonlocal size
+        while chunk := await request.content.read(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"body: more than {limit} bytes", 413)
+            chunks.append(chunk)
+
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=reject_json_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RequestError(f"body: not valid JSON ({exc})") from None
+        await asyncio.wait_for(read_all(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"body: not received in full within {timeout:g} s", 408) from None
+    except (ConnectionError, EOFError) as exc:
+        raise RequestError(f"body: the transfer broke off ({type(exc).__name__})") from None
+    except Exception as exc:  # aiohttp's payload errors (a broken chunked encoding) have no common base here
+        if type(exc).__module__.startswith("aiohttp"):
+            raise RequestError(f"body: the transfer is malformed ({type(exc).__name__})") from None
+        raise
+    return b"".join(chunks)
+
+
+async def _read_json_object(request, limit: int) -> dict[str, Any]:
+    body = await read_body(request, limit)
+    try:
+        obj = load_json(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"body: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise RequestError(f"body: {exc}") from None
     if not isinstance(obj, dict):
         raise RequestError(f"body: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -73,14 +106,14 @@ def _int_field(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RequestError(f"{key}: must be an integer in [{lo}, {hi}], got {value!r}")
+        raise RequestError(f"{key}: must be an integer in [{lo}, {hi}], got {short_repr(value)}")
     return value
 
 
 def _check_keys(obj: dict, allowed: tuple[str, ...]) -> None:
     unknown = [k for k in obj if k not in allowed]
     if unknown:
-        raise RequestError(f"{unknown[0]}: unknown key (allowed: {', '.join(allowed)})")
+        raise RequestError(f"{short_repr(unknown[0])[1:-1]}: unknown key (allowed: {', '.join(allowed)})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,9 +170,9 @@ def parse_stack_query(text: str | None) -> list[dict[str, str]]:
     if len(text) > MAX_STACK_QUERY_CHARS:
         raise RequestError(f"stack: {len(text)} characters; at most {MAX_STACK_QUERY_CHARS}")
     try:
-        raw = json.loads(text, parse_constant=reject_json_constant)
+        raw = load_json(text)
     except ValueError as exc:
-        raise RequestError(f"stack: not valid JSON ({exc})") from None
+        raise RequestError(f"stack: {exc}") from None
     if not isinstance(raw, list):
         raise RequestError(f"stack: expected a JSON list, got {type(raw).__name__}")
     if len(raw) > MAX_STACK_ENTRIES:
@@ -149,8 +182,8 @@ def parse_stack_query(text: str | None) -> list[dict[str, str]]:
         if not isinstance(entry, dict):
             raise RequestError(f"stack[{i}]: expected an object with kind, file and name")
         kind, file, name = entry.get("kind"), entry.get("file", ""), entry.get("name", "")
-        if kind not in KINDS:
-            raise RequestError(f"stack[{i}].kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise RequestError(f"stack[{i}].kind: must be one of {', '.join(KINDS)}, got {short_repr(kind)}")
         for key, value in (("file", file), ("name", name)):
             if not isinstance(value, str) or len(value) > MAX_NAME_CHARS:
                 raise RequestError(f"stack[{i}].{key}: must be a string of at most {MAX_NAME_CHARS} characters")

@@ -48,8 +48,11 @@ from ..layout import (
     Layout,
     LayoutError,
     Region,
+    check_json_depth,
+    finite_number,
     parse_layout,
     reject_json_constant,
+    short_repr,
 )
 from .backends import BackendError, ChatBackend
 
@@ -209,6 +212,7 @@ def extract_json(text: str, *, want: type | tuple[type, ...] = (dict, list)) -> 
                 break
             try:
                 value, end = decoder.raw_decode(chunk, match.start())
+                check_json_depth(value)
             except (ValueError, RecursionError):
                 continue
             if isinstance(value, dict) and dict in want_types:
@@ -364,8 +368,9 @@ def _short_text(raw: Any, path: str, out: _Checked, *, limit: int, required: boo
 
 
 def _count(raw: Any, path: str, out: _Checked) -> int | None:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw != int(raw):
-        out.problems.append(f"{path}: must be a whole number, got {raw!r}")
+    number = finite_number(raw)
+    if number is None or number != int(number):
+        out.problems.append(f"{path}: must be a whole number, got {short_repr(raw)}")
         return None
     if not 1 <= raw <= MAX_COUNT_PER_ELEMENT:
         out.problems.append(f"{path}: {int(raw)} is outside 1..{MAX_COUNT_PER_ELEMENT}")

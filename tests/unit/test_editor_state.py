@@ -118,3 +118,16 @@ def test_expert_names_come_from_the_stack_or_base():
     with pytest.raises(EditorStateError, match=r"regions\[1\]\.expert: 'oil' is not in the connected expert stack "
                                                r"\(choose one of: base, photo, anime"):
         check_experts(layout(d), ["photo", "anime"])
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[" * 100_000 + "]" * 100_000, r"editor_state: nested more than 32 levels deep"),
+    ('{"version": 1, "layout": ' + "{\"a\": " * 50 + "1" + "}" * 50 + "}", "nested more than 32 levels deep"),
+    (json.dumps({"version": 10**400, "layout": LAYOUT}), "editor_state.version: must be 1, got an integer with "
+                                                         "401 digits"),
+    (json.dumps({"layout": {**LAYOUT, "canvas": {"width": 10**400, "height": 5}}}),
+     "editor_state.layout.canvas.width: an integer with 401 digits exceeds"),
+])
+def test_hostile_states_are_errors_naming_the_field(text, match):
+    with pytest.raises(EditorStateError, match=match):
+        parse_editor_state(text)

@@ -175,3 +175,45 @@ def test_layout_pixel_and_latent_boxes():
     layout = Layout("x", (Region("a", "a", (100, 200, 600, 900)),))
     assert layout.pixel_boxes(1000, 600) == [(100, 120, 600, 540)]
     assert layout.latent_boxes(1000, 600) == [(13, 15, 75, 68)]
+
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda d: d["regions"][0].update(box=[HUGE, 0, 5, 5]), "regions[0].box: x1 is far out of range (an integer "
+                                                            "with 401 digits)"),
+    (lambda d: d["regions"][0].update(box=[0, 0, 5, -HUGE]), "regions[0].box: y2 is far out of range (a negative "
+                                                             "integer with 401 digits)"),
+    (lambda d: d["regions"][0].update(box=[0, 0, 5, 1e300]), "regions[0].box: y2 is far out of range"),
+    (lambda d: d["regions"][0].update(weight=HUGE), "regions[0].weight: an integer with 401 digits is outside"),
+    (lambda d: d["canvas"].update(width=HUGE), "canvas.width: an integer with 401 digits exceeds the maximum 16384"),
+    (lambda d: d["canvas"].update(height=-HUGE), "canvas.height: must be a positive integer, got a negative integer"),
+    (lambda d: d["canvas"].update(height=1e300), "canvas.height: 1e+300 exceeds the maximum"),
+    (lambda d: d["regions"][0].update(box=[[[[0]]]] * 4), "regions[0].box: x1 is not a number ([[[0]]])"),
+    (lambda d: d["regions"][0].update(box=list(range(10**5))), "regions[0].box: expected 4 numbers [x1, y1, x2, y2], "
+                                                               "got [0, 1, 2, 3"),
+])
+def test_absurd_numbers_and_shapes_are_errors_naming_the_field(mutate, problem):
+    d = doc(reg())
+    mutate(d)
+    for source in (d, json.dumps(d)):
+        with pytest.raises(LayoutError) as info:
+            parse_layout(source)
+        assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+        assert all(len(p) < 300 for p in info.value.problems)
+
+
+@pytest.mark.parametrize("depth", [40, 1500, 100_000])
+def test_deep_nesting_is_an_error_not_a_recursion_error(depth):
+    deep = "[" * depth + "]" * depth
+    with pytest.raises(LayoutError, match=r"\$: nested more than 32 levels deep"):
+        parse_layout(deep)
+    text = json.dumps(doc(reg())).replace('"style": null', f'"style": {deep}')
+    with pytest.raises(LayoutError, match="nested more than 32 levels deep"):
+        parse_layout(text)
+    nested: list = []
+    for _ in range(min(depth, 5000)):
+        nested = [nested]
+    with pytest.raises(LayoutError, match="nested more than 32 levels deep"):
+        parse_layout(doc(reg(style=nested)))
