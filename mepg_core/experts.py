@@ -52,16 +52,18 @@ adapter types on a site (LoHa, LoKr, DoRA, …) raise a ValueError naming the ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .styles import canonical_style, style_family
 
@@ -226,6 +228,9 @@ class ExpertSpec:
             base = cls.checkpoint(base)
         if base.kind == "lora":
             raise ValueError("a LoRA expert's base must be a checkpoint or tensors, not another LoRA expert")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or abs(strength) > 1e6 \
+                or isinstance(strength, float) and not math.isfinite(strength):
+            raise ValueError(f"{os.fspath(lora_path)}: LoRA strength must be a finite number, got {strength!r}")
         return cls(
             "lora",
             path=os.fspath(lora_path),
@@ -378,6 +383,20 @@ def require_safetensors(path: PathLike, what: str = "expert checkpoint") -> str:
     return path
 
 
+@contextlib.contextmanager
+def open_safetensors(path: PathLike, role: str = "expert checkpoint") -> Iterator[Any]:
+    """``safe_open`` (CPU, torch) of a file with a ``role`` ("expert checkpoint", "gate file" ...); a damaged
+    file (a header too large or cut short, a truncated body) is a ValueError naming the file and its role,
+    also when it shows only while tensors are read inside the block."""
+    path = require_safetensors(path, role)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            yield handle
+    except SafetensorError as exc:
+        detail = str(exc).replace("Error while deserializing header: ", "")
+        raise ValueError(f"{path}: this {role} is damaged or not a safetensors file ({detail})") from None
+
+
 def _unet_prefix(keys: Iterable[str], label: str) -> str:
     keys = list(keys)
     if any(k.startswith(CHECKPOINT_UNET_PREFIX) for k in keys):
@@ -396,7 +415,7 @@ def read_unet_header(path: PathLike) -> dict[str, tuple[Shape, torch.dtype | str
     Keys are relative UNet keys. Useful to check a file in a loader node before building a stack.
     """
     path = require_safetensors(path)
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    with open_safetensors(path) as handle:
         keys = list(handle.keys())
         prefix = _unet_prefix(keys, path)
         header = {}
@@ -444,20 +463,21 @@ class _SourceReader:
 
     def __init__(self, spec: ExpertSpec):
         self.spec = spec
+        self._opened = None
         self._handle = None
         self._prefix = ""
 
     def __enter__(self) -> _SourceReader:
         if self.spec.kind == "checkpoint":
-            self._handle = safe_open(self.spec.path, framework="pt", device="cpu")
-            self._handle.__enter__()
+            self._opened = open_safetensors(self.spec.path, "expert checkpoint")
+            self._handle = self._opened.__enter__()
             self._prefix = _unet_prefix(self._handle.keys(), self.spec.label)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(*exc)
-            self._handle = None
+        if self._opened is not None:
+            opened, self._opened, self._handle = self._opened, None, None
+            opened.__exit__(*exc)
 
     def shapes(self) -> dict[str, Shape]:
         """Relative UNet key -> shape for every UNet tensor (header only for files)."""
@@ -661,7 +681,7 @@ def _apply_lora_delta(
 
 
 def _load_lora_tensors(path: str) -> dict[str, torch.Tensor]:
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    with open_safetensors(path, "LoRA file") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 

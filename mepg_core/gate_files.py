@@ -31,11 +31,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .experts import ExpertStack, require_safetensors
+from .experts import ExpertStack, open_safetensors, require_safetensors
 from .gating import GateOptions, GateSet, moe_targets
+from .layout import load_json, short_repr
 
 GATE_FILE_FORMAT = "mepg-gates"
 GATE_FILE_VERSION = "1"
@@ -90,7 +90,7 @@ def read_gate_file_metadata(path: str | os.PathLike) -> dict:
     """The decoded metadata of a gate file (no tensors read): ``experts``, ``targets``,
     ``sigma_features``, ``gate_options``, ``extra``. Raises ValueError for other files."""
     path = require_safetensors(path, "gate file")
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    with open_safetensors(path, "gate file") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("mepg.format") != GATE_FILE_FORMAT:
         raise ValueError(f"{path}: not an MEPG gate file (metadata 'mepg.format' is {metadata.get('mepg.format')!r})")
@@ -99,15 +99,60 @@ def read_gate_file_metadata(path: str | os.PathLike) -> dict:
             f"{path}: gate file version {metadata.get('mepg.version')!r}, this pack reads {GATE_FILE_VERSION}"
         )
     try:
-        return {
-            "experts": json.loads(metadata["mepg.experts"]),
-            "targets": json.loads(metadata["mepg.targets"]),
+        info = {
+            "experts": _metadata_json(metadata, "mepg.experts"),
+            "targets": _metadata_json(metadata, "mepg.targets"),
             "sigma_features": int(metadata.get("mepg.sigma_features", "0")),
-            "gate_options": json.loads(metadata.get("mepg.gate_options", "{}")),
+            "gate_options": _metadata_json(metadata, "mepg.gate_options", "{}"),
             "extra": {k[len("mepg.extra.") :]: v for k, v in metadata.items() if k.startswith("mepg.extra.")},
         }
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"{path}: damaged gate-file metadata ({error})") from error
+    except ValueError as error:
+        raise ValueError(f"{path}: damaged gate-file metadata ({error})") from None
+    problems = _metadata_problems(info)
+    if problems:
+        raise ValueError(f"{path}: damaged gate-file metadata: " + "; ".join(problems))
+    return info
+
+
+def _metadata_json(metadata: dict, key: str, default: str | None = None):
+    if key not in metadata and default is None:
+        raise ValueError(f"'{key}' is missing")
+    try:
+        return load_json(metadata.get(key, default))
+    except ValueError as error:
+        raise ValueError(f"'{key}' is {error}") from None
+
+
+def _metadata_problems(info: dict) -> list[str]:
+    """What is wrong with the shapes of decoded gate-file metadata (each problem names its key)."""
+    problems = []
+    experts = info["experts"]
+    if not isinstance(experts, list) or not experts:
+        problems.append(f"'mepg.experts' must be a non-empty list of {{name, hash}} objects, got "
+                        f"{short_repr(experts)}")
+    else:
+        for i, e in enumerate(experts):
+            if not isinstance(e, dict):
+                problems.append(f"'mepg.experts'[{i}] must be an object with name and hash, got {short_repr(e)}")
+                continue
+            for key in ("name", "hash"):
+                if not isinstance(e.get(key), str) or not e.get(key):
+                    problems.append(f"'mepg.experts'[{i}] has no {key}" if key not in e else
+                                    f"'mepg.experts'[{i}].{key} must be a non-empty string, got {short_repr(e[key])}")
+    targets = info["targets"]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        problems.append(f"'mepg.targets' must be a list of site paths, got {short_repr(targets)}")
+    if info["sigma_features"] < 0:
+        problems.append(f"'mepg.sigma_features' must be >= 0, got {info['sigma_features']}")
+    options = info["gate_options"]
+    if not isinstance(options, dict):
+        problems.append(f"'mepg.gate_options' must be an object, got {short_repr(options)}")
+    else:
+        try:
+            GateOptions.from_dict(options)
+        except (TypeError, ValueError, OverflowError) as error:
+            problems.append(f"'mepg.gate_options': {error}")
+    return problems
 
 
 def _describe(experts: list[dict]) -> str:
@@ -162,7 +207,7 @@ def load_gate_file(path: str | os.PathLike, stack: ExpertStack) -> LoadedGates:
     sigma_features = info["sigma_features"]
     reorder = torch.tensor(order, dtype=torch.long)
     params = {}
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    with open_safetensors(path, "gate file") as handle:
         keys = set(handle.keys())
         for target in targets:
             weight_key, bias_key, sigma_key = (target.path + s for s in _SUFFIXES)
@@ -182,6 +227,10 @@ def load_gate_file(path: str | os.PathLike, stack: ExpertStack) -> LoadedGates:
                     raise ValueError(
                         f"{path}: '{key}' has shape {tuple(tensor.shape)}, this stack needs {expected[key]}"
                     )
+                if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(f"{path}: '{key}' has {bad} NaN or infinite values; the gate file is damaged "
+                                     "(retrain or pick another)")
             params[target.path] = (
                 weight[reorder],
                 bias[reorder],

@@ -93,10 +93,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .experts import ExpertStack, require_safetensors
+from .experts import ExpertStack, open_safetensors, require_safetensors
 from .gate_files import save_gate_file
 from .gating import Exploration, GateSet, MoEModules
 
@@ -479,7 +478,7 @@ def load_latent_dataset(path: str | os.PathLike) -> tuple[LatentDataset, str]:
     """Read a :func:`save_latent_dataset` file → ``(dataset, latent_space)``; each sample's cond is
     ``{"context": [T, D], "pooled": [P] | None, "caption": str}`` for the host to turn into its own."""
     path = require_safetensors(path, "training data file")
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    with open_safetensors(path, "training data file") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("mepg.format") != DATASET_FORMAT:
             raise ValueError(f"{path}: not an MEPG latent data set (metadata 'mepg.format' is "
@@ -908,7 +907,7 @@ class GateTrainer:
             raise ValueError(f"{path}: this checkpoint belongs to another expert stack: {mismatch}")
         if info["step"] > self.config.steps:
             raise ValueError(f"{path}: the checkpoint is at step {info['step']}, beyond steps={self.config.steps}")
-        with safe_open(path, framework="pt", device="cpu") as handle:
+        with open_safetensors(path, "gate-training state file") as handle:
             keys = set(handle.keys())
             for name, param in self.named_params:
                 key = f"param.{name}"
@@ -1006,7 +1005,7 @@ def read_training_state(path: str | os.PathLike) -> dict:
     """Metadata of a state file: ``step``, ``micro_step``, ``loss_history``, ``aux_history``, ``config``,
     ``identity``, ``gate_options``. Raises ValueError for other files."""
     path = require_safetensors(path, "gate-training state file")
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    with open_safetensors(path, "gate-training state file") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("mepg.format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a gate-training state file (metadata 'mepg.format' is "

@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..mepg_core import cross_denoise as cd
 from ..mepg_core.regions import RegionSet, build_region_set
+from .checks import check_choice, check_number
 from .types import CATEGORY, RegionsType
 
 log = logging.getLogger("mepg")
@@ -76,7 +77,7 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         if kind == cd.GLOBAL:
             self.stats["global_steps"] += 1
             with self._route("global", None, None):
-                return super().predict_noise(x, timestep, model_options, seed)
+                return _finite(super().predict_noise(x, timestep, model_options, seed), step, "global")
 
         self.stats["local_steps"] += 1
         alpha = cd.local_alpha(step, self._plan.n_steps, self.settings)
@@ -94,8 +95,10 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
                 window, name = self._plan.windows[pass_index], f"region_{pass_index}"
             self.stats["passes"].append((step, name, tuple(x_in.shape[-2:])))
             with self._route("local", None if window is None else pass_index, window):
-                return comfy.samplers.sampling_function(self.inner_model, x_in, timestep, negative, positive,
-                                                        self.cfg, model_options=model_options, seed=seed)
+                out = comfy.samplers.sampling_function(self.inner_model, x_in, timestep, negative, positive,
+                                                       self.cfg, model_options=model_options, seed=seed)
+            what = name if window is None else f"{name} ({self.region_set.regions[pass_index].label!r})"
+            return _finite(out, step, what)
 
         return cd.local_step(x, x_ref, self._plan, alpha, denoise)
 
@@ -105,6 +108,15 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         return self.routing.enter(kind, region_index, self.region_set.regions, self._plan.masks)
 
 
+def _finite(prediction: torch.Tensor, step: int, what: str) -> torch.Tensor:
+    """The prediction, or a clear error where it has NaN/Inf values (which would decode to a black image)."""
+    if not bool(torch.isfinite(prediction).all()):
+        raise ValueError(f"MEPG Cross-Denoise: the {what} prediction at step {step + 1} has NaN or infinite values; "
+                         "a model, expert, LoRA or gate weight or a setting upstream is not finite. Stopped here "
+                         "instead of returning a black image.")
+    return prediction
+
+
 def model_routing(model):
     """The MoE routing a Gated MoE Patch attached to this model, or None for a plain model."""
     attachment = model.get_attachment("mepg_moe")
@@ -112,7 +124,11 @@ def model_routing(model):
 
 
 def settings_from_inputs(p1: float, interleave: int, alpha_start: float, alpha_end: float,
-                         context_margin_px: int) -> cd.CrossDenoiseSettings:
+                         context_margin_px: int, node: str = "MEPG Cross-Denoise") -> cd.CrossDenoiseSettings:
+    for name, value, lo, hi in (("p1", p1, 0, 1), ("interleave", interleave, 0, None),
+                                ("alpha_start", alpha_start, 0, 1), ("alpha_end", alpha_end, 0, 1),
+                                ("context_margin_px", context_margin_px, 0, None)):
+        check_number(node, name, value, lo, hi)
     return cd.CrossDenoiseSettings(p1=p1, interleave=interleave, alpha_start=alpha_start, alpha_end=alpha_end,
                                    context_margin=-(-context_margin_px // 8), align=4)
 
@@ -175,7 +191,8 @@ class CrossDenoiseKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, regions,
                 p1, interleave, alpha_start, alpha_end, context_margin_px, denoise) -> io.NodeOutput:
-        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px)
+        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px,
+                                        node="MEPG Cross-Denoise KSampler")
         samples = run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                     latent_image, regions, settings, denoise)
         out = latent_image.copy()
@@ -186,6 +203,13 @@ class CrossDenoiseKSampler(io.ComfyNode):
 def run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, regions,
                       settings, denoise, routing=None):
     """The KSampler path (noise, sigmas, preview callback) with the cross-denoise guider."""
+    node = "MEPG Cross-Denoise KSampler"
+    check_number(node, "cfg", cfg, 0)
+    check_number(node, "denoise", denoise, 0, 1)
+    check_number(node, "steps", steps, 1)
+    # ComfyUI's KSampler silently replaces an unknown scheduler or sampler by its first one.
+    check_choice(node, "sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
+    check_choice(node, "scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
@@ -227,7 +251,9 @@ class CrossDenoiseGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, regions, cfg, p1, interleave, alpha_start, alpha_end,
                 context_margin_px) -> io.NodeOutput:
-        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px)
+        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px,
+                                        node="MEPG Cross-Denoise Guider")
+        check_number("MEPG Cross-Denoise Guider", "cfg", cfg, 0)
         guider = CrossDenoiseGuider(model, regions, settings, routing=model_routing(model))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -23,6 +23,7 @@ from ..mepg_core.experts import ExpertSpec, default_style_tags, discover_sites, 
 from ..mepg_core.gate_files import load_gate_file
 from ..mepg_core.gating import GateOptions, GateSet, InputMeanRecorder, MoERuntime, RoutingContext, build_moe_modules
 from ..mepg_core.moe_routing import MoERouting
+from .checks import check_number
 from .types import CATEGORY, ExpertStackType
 
 log = logging.getLogger("mepg")
@@ -151,9 +152,10 @@ class LoRAExpertLoader(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name: str, strength: float, name: str, style_tags: str, expert_stack=None
                 ) -> io.NodeOutput:
+        strength = check_number("MEPG LoRA Expert Loader", "strength", strength)
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         entry = PortfolioEntry("lora", path, expert_name(name, lora_name), parse_tags(style_tags, lora_name),
-                               float(strength))
+                               strength)
         return io.NodeOutput((expert_stack or Portfolio()).add(entry))
 
 

@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 from ..mepg_core.masks import OVERLAP_POLICIES
 from ..mepg_core.preview import draw_layout
 from ..mepg_core.regions import RegionSet, build_region_set
+from .checks import check_number
 from .types import CATEGORY, LayoutType, RegionsType
 
 LATENT_FACTOR = 8
@@ -149,6 +150,9 @@ class RegionMaskBuilder(io.ComfyNode):
         latent=None,
         image=None,
     ) -> io.NodeOutput:
+        node = "MEPG Region Mask Builder"
+        check_number(node, "global_weight", global_weight, 0)
+        check_number(node, "feather_px", feather_px, 0)
         if latent is not None:
             samples = latent["samples"]
             height, width = int(samples.shape[-2]) * LATENT_FACTOR, int(samples.shape[-1]) * LATENT_FACTOR

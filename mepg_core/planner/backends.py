@@ -425,6 +425,43 @@ def _resolve_model_path(model_path: str | os.PathLike[str], gguf_file: str | Non
     raise ModelNotFoundError(f"model folder {folder} has no config.json and no .gguf file")
 
 
+# Sizes in a model's config.json that must be positive integers, with a bound no real model reaches.
+_CONFIG_SIZES = {"hidden_size": 2**17, "intermediate_size": 2**20, "num_hidden_layers": 2**12,
+                 "num_attention_heads": 2**12, "num_key_value_heads": 2**12, "vocab_size": 2**24,
+                 "max_position_embeddings": 2**24}
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def check_model_config(folder: Path) -> dict[str, Any]:
+    """Read ``folder/config.json`` and check what transformers would otherwise fail on without naming the
+    file: valid JSON (NaN, deep nesting refused), an object with a ``model_type``, sane integer sizes.
+    Raises :class:`ModelNotFoundError` naming the file and the field."""
+    from ..layout import load_json, short_repr
+
+    path = folder / "config.json"
+    try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ModelNotFoundError(f"{path}: {path.stat().st_size} bytes; a model's config.json is far smaller")
+        config = load_json(path.read_bytes())
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ModelNotFoundError(f"{path}: the model's config is {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise ModelNotFoundError(f"{path}: 'model_type' must name the architecture (e.g. \"qwen2\"), got "
+                                 f"{short_repr(model_type)}")
+    for key, limit in _CONFIG_SIZES.items():
+        if key in config:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ModelNotFoundError(f"{path}: '{key}' must be a positive integer up to {limit}, got "
+                                         f"{short_repr(value)}")
+    return config
+
+
 def _file_stamp(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
@@ -479,11 +516,15 @@ def load_causal_lm(model_path: str | os.PathLike[str], *, gguf_file: str | None 
     load_kwargs = {"dtype": torch_dtype, "local_files_only": True}
 
     if gguf is None:
+        check_model_config(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(str(folder), **load_kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelNotFoundError(f"cannot load a causal language model from {folder}: {exc}") from exc
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a damaged model folder
+            raise ModelNotFoundError(f"cannot load a causal language model from {folder}: "
+                                     f"{type(exc).__name__}: {_snippet(str(exc), 400)[1:-1]}") from None
         return LoadedModel(_to_device(model, device), tokenizer, source, source)
 
     gguf_path = folder / gguf
