@@ -12,9 +12,11 @@ The schedule, for step ``i`` (0-based) of ``N``:
 - A **local step** denoises each region's window (its box grown by a context margin, aligned to a
   multiple of ``align`` latent cells; SDXL's UNet halves the size twice, so 4 cells suffice) with the
   region's own prompt, and the background with the global prompt, then fuses the predictions:
-  ``x0 = w_bg * D_bg + sum_i w_i * D_i`` with ``w_i = alpha(i) * m_i`` (``m_i`` the region's
-  feathered latent mask, clipped to its window) and ``w_bg = 1 - sum_i w_i`` (weights renormalised
-  where overlapping regions sum above 1). The background pass, too, runs on a window only: the box
+  ``x0 = w_bg * D_bg + sum_i w_i * D_i`` with ``w_i = alpha(i) * weight_i * m_i`` (``m_i`` the
+  region's feathered latent mask, clipped to its window; ``weight_i`` the layout region's ``weight``,
+  default 1) and ``w_bg = 1 - sum_i w_i`` (the region weights renormalised where they sum above 1, so
+  overlapping regions share by their weights). A region of weight 0 takes no part: no pass, and the
+  other passes see the current latent there. The background pass, too, runs on a window only: the box
   around where ``w_bg > 0``, grown by the same margin (with ``alpha = 1`` and regions filling one
   side of the picture, it skips that side).
   ``alpha`` ramps linearly from ``alpha_start`` at the first local step to ``alpha_end`` at the last.
@@ -134,7 +136,8 @@ class LocalPlan:
 
     ``windows``: per region ``(x1, y1, x2, y2)`` in latent cells. ``masks``: ``[R, H, W]`` feathered
     masks clipped to the windows. ``visible``: ``[R + 1, H, W]`` bool, where each pass (regions, then
-    the background last) sees the current latent.
+    the background last) sees the current latent. ``region_weights``: ``[R]``, each region's strength
+    in fusion (the layout's ``weight``; None = all 1).
     """
 
     windows: list[tuple[int, int, int, int]]
@@ -143,6 +146,7 @@ class LocalPlan:
     settings: CrossDenoiseSettings
     n_steps: int
     extras: dict = field(default_factory=dict)
+    region_weights: torch.Tensor | None = None
 
     @property
     def n_regions(self) -> int:
@@ -150,10 +154,15 @@ class LocalPlan:
 
 
 def make_local_plan(latent_masks: torch.Tensor, latent_boxes: list[tuple[int, int, int, int]],
-                    settings: CrossDenoiseSettings, n_steps: int) -> LocalPlan:
-    """Windows, clipped masks and visibility for regions with ``latent_masks`` ``[R, H, W]``."""
+                    settings: CrossDenoiseSettings, n_steps: int,
+                    region_weights: Sequence[float] | None = None) -> LocalPlan:
+    """Windows, clipped masks and visibility for regions with ``latent_masks`` ``[R, H, W]`` and
+    ``region_weights`` (``R`` finite numbers >= 0; default all 1)."""
     settings.validate()
     r, h, w = latent_masks.shape
+    weights = torch.ones(r) if region_weights is None else torch.tensor([float(v) for v in region_weights])
+    if weights.shape != (r,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"region weights must be {r} finite numbers >= 0, got {region_weights!r}")
     feather_reach = _mask_reach(latent_masks, latent_boxes)
     windows = [window_for_box(b, w, h, max(settings.context_margin, reach), settings.align)
                for b, reach in zip(latent_boxes, feather_reach)]
@@ -162,13 +171,13 @@ def make_local_plan(latent_masks: torch.Tensor, latent_boxes: list[tuple[int, in
         inside = torch.zeros(h, w, dtype=torch.bool)
         inside[y1:y2, x1:x2] = True
         masks[i] = masks[i] * inside
-    support = masks > 0
+    support = (masks > 0) & (weights > 0)[:, None, None]
     visible = torch.ones((r + 1, h, w), dtype=torch.bool)
     for i in range(r):
         others = torch.cat([support[:i], support[i + 1:]]).any(dim=0) if r > 1 else torch.zeros(h, w, dtype=torch.bool)
         visible[i] = ~others
     visible[r] = ~support.any(dim=0) if r else torch.ones(h, w, dtype=torch.bool)
-    return LocalPlan(windows, masks, visible, settings, n_steps)
+    return LocalPlan(windows, masks, visible, settings, n_steps, region_weights=weights)
 
 
 def _mask_reach(masks: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> list[int]:
@@ -184,8 +193,13 @@ def _mask_reach(masks: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> 
 
 
 def fusion_weights(plan: LocalPlan, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend weights of a local step: regions ``[R, H, W]`` and background ``[H, W]`` (sum to 1)."""
+    """Blend weights of a local step: regions ``[R, H, W]`` and background ``[H, W]`` (sum to 1).
+
+    Region ``i`` weighs ``alpha * region_weights[i] * masks[i]``, renormalised where the regions sum above 1.
+    """
     w = plan.masks * alpha
+    if plan.region_weights is not None:
+        w = w * plan.region_weights.to(w)[:, None, None]
     total = w.sum(dim=0)
     over = total > 1.0
     if over.any():

@@ -68,7 +68,8 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
             rs = build_region_set(rs.layout, width * rs.factor, height * rs.factor, factor=rs.factor,
                                   feather_px=rs.feather_px, overlap=rs.overlap)
         boxes = [spec.latent_box for spec in rs.regions]
-        return cd.make_local_plan(rs.latent_masks(), boxes, self.settings, n_steps)
+        return cd.make_local_plan(rs.latent_masks(), boxes, self.settings, n_steps,
+                                  region_weights=[spec.weight for spec in rs.regions])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.flatten()[0])

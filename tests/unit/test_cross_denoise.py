@@ -147,3 +147,56 @@ def test_local_step_skips_passes_without_weight():
     cd.local_step(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), plan, 1.0,
                   lambda i, x: calls.append(i) or x)
     assert calls == [0]  # the background has no weight anywhere
+
+
+# ---------------------------------------------------------------------------------------------- region weight
+
+
+def test_region_weight_scales_its_share_and_overlaps_split_by_weight():
+    rs = region_set(feather=16.0)
+    boxes = [r.latent_box for r in rs.regions]
+    plan = cd.make_local_plan(rs.latent_masks(), boxes, settings(), 10, region_weights=[0.5, 2.0])
+    w, bg = cd.fusion_weights(plan, 0.8)
+    assert torch.allclose(w.sum(0) + bg, torch.ones_like(bg), atol=1e-6)
+    raw = plan.masks * 0.8 * torch.tensor([0.5, 2.0])[:, None, None]
+    capped = raw.sum(0) > 1
+    assert capped.any() and (~capped).any()
+    assert torch.allclose(w[:, ~capped], raw[:, ~capped], atol=1e-6)  # weight x alpha x mask
+    assert torch.allclose(w[:, capped], raw[:, capped] / raw.sum(0)[capped], atol=1e-6)  # shares by weight
+    # fully overlapping regions of weight 3 and 1 share 3 : 1
+    masks = torch.ones(2, 8, 8)
+    w, bg = cd.fusion_weights(cd.make_local_plan(masks, [(0, 0, 8, 8)] * 2, settings(), 4, [3.0, 1.0]), 1.0)
+    assert torch.allclose(w[0], torch.full_like(w[0], 0.75)) and torch.allclose(w[1], torch.full_like(w[1], 0.25))
+    assert bg.abs().max() == 0
+
+
+def test_a_region_of_weight_zero_is_as_if_it_were_not_there():
+    rs = region_set(feather=8.0)
+    boxes = [r.latent_box for r in rs.regions]
+    masks = rs.latent_masks()
+    with_zero = cd.make_local_plan(masks, boxes, settings(), 10, region_weights=[0.0, 1.0])
+    without = cd.make_local_plan(masks[1:], boxes[1:], settings(), 10)
+    x, x_ref = torch.randn(1, 4, 24, 32), torch.randn(1, 4, 24, 32)
+
+    def denoiser(names: dict[int, str], ran: list[str]):
+        def run(i, x_in):
+            ran.append(names[i])
+            # the answer depends on what the pass sees, so a planted isolation bug changes the output
+            return x_in * {"a": 3.0, "b": 1.5, "bg": 0.5}[names[i]] + {"a": 7.0, "b": 1.0, "bg": -1.0}[names[i]]
+        return run
+
+    ran_zero, ran_without = [], []
+    out_zero = cd.local_step(x, x_ref, with_zero, 0.9, denoiser({0: "a", 1: "b", 2: "bg"}, ran_zero))
+    out_without = cd.local_step(x, x_ref, without, 0.9, denoiser({0: "b", 1: "bg"}, ran_without))
+    assert ran_zero == ran_without == ["b", "bg"]
+    assert torch.allclose(out_zero, out_without, atol=1e-6)
+    default = cd.local_step(x, x_ref, cd.make_local_plan(masks, boxes, settings(), 10), 0.9,
+                            denoiser({0: "a", 1: "b", 2: "bg"}, []))
+    assert (default - out_zero).abs().max() > 0.1  # weight 1 (the default) does use region a
+
+
+@pytest.mark.parametrize("weights", [[1.0], [float("nan"), 1.0], [-1.0, 1.0]])
+def test_region_weights_are_checked(weights):
+    rs = region_set()
+    with pytest.raises(ValueError, match="region weights must be 2 finite numbers >= 0"):
+        cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(), 10, weights)
