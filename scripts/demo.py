@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from host import ComfyServer, error_message, free_port, prepare_base  # noqa: E402
+from host import ComfyServer, error_message, free_port, prepare_base, stop_on_signals  # noqa: E402
 from mepg_testing import FIXTURE_DIR, fixture_is_current, link_checkpoints  # noqa: E402
 
 OUT = ROOT / "demo-output"
@@ -180,6 +180,7 @@ def routing_table(routing: dict) -> list[str]:
 
 
 def main() -> int:
+    stop_on_signals()  # SIGTERM/SIGHUP unwind like Ctrl-C: the server below and any child are stopped
     started = time.perf_counter()
     if OUT.exists():
         shutil.rmtree(OUT)

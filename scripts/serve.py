@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,10 +20,14 @@ def main() -> int:
     a = ap.parse_args()
     host.prepare_base(a.base, with_tiny_models=not a.no_tiny_models)
     print(f"ComfyUI on http://127.0.0.1:{a.port}  (base directory {a.base})", flush=True)
+    # Ctrl-C, SIGTERM, SIGHUP or an error here stop the server too; so does the kernel if this process dies.
+    process = host.spawn_server(host.server_command(a.port, a.base), cwd=host.COMFY_DIR)
     try:
-        return subprocess.call(host.server_command(a.port, a.base), cwd=host.COMFY_DIR)
+        return process.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        host.terminate(process)
 
 
 if __name__ == "__main__":

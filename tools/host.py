@@ -3,10 +3,16 @@
 The server runs ComfyUI's own ``main.py`` on the CPU, bound to 127.0.0.1, with a base directory of
 its own whose ``custom_nodes`` holds a link to this pack (and, for tests and the demo, the tiny-model
 fixture node). Only loopback addresses are ever used.
+
+No server outlives the process that started it: :func:`stop_on_signals` turns SIGTERM (and SIGHUP) into
+``KeyboardInterrupt`` so ``with`` blocks and ``finally`` clauses stop servers on the way out, an
+``atexit`` hook stops any still running, and on Linux the server gets SIGTERM from the kernel when its
+parent dies in any other way (even ``kill -9``).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -14,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -63,6 +70,72 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target, target_is_directory=True)
 
 
+_RUNNING: set[subprocess.Popen] = set()
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the main thread (as Ctrl-C does), so the code
+    that started a server unwinds and stops it. Only where the signal still has its default action."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+@atexit.register
+def _stop_all() -> None:
+    for process in list(_RUNNING):
+        terminate(process)
+
+
+# Run first in the child: ask the kernel for SIGTERM when the parent goes (kept across exec), leave at
+# once if it is already gone, then become the server. A launcher instead of preexec_fn, which is unsafe
+# in a process with threads.
+_LAUNCHER = (f"import ctypes, os, signal, sys; ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM); "
+             "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def spawn_server(command: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Start a server process that is stopped with this process (see the module docstring)."""
+    stop_on_signals()
+    # PR_SET_PDEATHSIG follows the starting *thread*: tie the server only to the main thread's life.
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        command = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *command]
+    process = subprocess.Popen(command, **popen_kwargs)
+    _RUNNING.add(process)
+    return process
+
+
+def terminate(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the server (its process group when it leads one), SIGKILL after ``grace`` seconds."""
+    _RUNNING.discard(process)
+    if process.poll() is not None:
+        return
+    try:
+        group = os.getpgid(process.pid) == process.pid
+    except ProcessLookupError:
+        return
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig) if group else process.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 def server_command(port: int, base: Path) -> list[str]:
     return [sys.executable, str(COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
@@ -87,32 +160,27 @@ class ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(server_command(self.port, self.base), cwd=COMFY_DIR, stdout=log,
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode}; see {self.log_path}")
-            try:
-                self.get_json("/system_stats", timeout=2)
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f}s; see {self.log_path}")
+        self.process = spawn_server(server_command(self.port, self.base), cwd=COMFY_DIR, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()  # the child holds its own copy
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"ComfyUI exited with code {self.process.returncode}; see {self.log_path}")
+                try:
+                    self.get_json("/system_stats", timeout=2)
+                    return self
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    time.sleep(0.5)
+            raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f}s; see {self.log_path}")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            terminate(self.process)
 
     def __enter__(self) -> ComfyServer:
         return self.start()
