@@ -204,22 +204,39 @@ def raw_exchange(port: int, parts: list[bytes], *, pause: float = 0.0, timeout: 
 
     The server's reply is read until it closes the connection (requests should say ``Connection: close``).
     """
+    data = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        for i, part in enumerate(parts):
-            if i and pause:
-                time.sleep(pause)
-            sock.sendall(part)
-        data = b""
-        while True:
-            got = sock.recv(65536)
-            if not got:
-                break
-            data += got
+        try:
+            for i, part in enumerate(parts):
+                if i and pause:
+                    time.sleep(pause)
+                sock.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered (and closed) before the whole request was sent
+        try:
+            while not _complete(data) and (got := sock.recv(65536)):
+                data += got
+        except ConnectionResetError:
+            pass  # closed with unread request bytes: what arrived before is the answer
+    if not data:
+        raise ConnectionError(f"127.0.0.1:{port} closed the connection without an answer")
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     if b"transfer-encoding: chunked" in head.lower():
         body = _dechunk(body)
     return status, body
+
+
+def _complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole reply with a Content-Length (a server may linger before closing)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return False
 
 
 def _dechunk(data: bytes) -> bytes:
