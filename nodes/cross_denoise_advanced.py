@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import comfy.samplers
 from comfy_api.latest import io
 
-from .cross_denoise_nodes import run_cross_denoise, schedule_inputs, settings_from_inputs
+from .cross_denoise_nodes import run_cross_denoise, sampling_inputs, schedule_inputs, settings_from_inputs
 from .types import CATEGORY, RegionsType
 
 
@@ -30,14 +29,7 @@ class CrossDenoiseKSamplerAdvanced(io.ComfyNode):
                 io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed for the added noise."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Steps of the whole schedule."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, for every region and global pass."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="Any ComfyUI sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                               tooltip="Any ComfyUI scheduler."),
-                io.Conditioning.Input("positive", tooltip="The global prompt's conditioning (whole picture)."),
-                io.Conditioning.Input("negative", tooltip="The negative conditioning, used by every pass."),
+                *sampling_inputs(),
                 io.Latent.Input("latent_image", tooltip="The latent to denoise."),
                 RegionsType.Input("regions", tooltip="Regions from Region Mask Builder (with a CLIP connected)."),
                 io.Int.Input("start_at_step", default=0, min=0, max=10000,

@@ -162,6 +162,18 @@ def schedule_inputs() -> list:
     ]
 
 
+def sampling_inputs() -> list:
+    """cfg, sampler, scheduler and the two prompts, in the order both Cross-Denoise KSamplers show them."""
+    return [
+        io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale, for every region and global pass."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Any ComfyUI sampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Any ComfyUI scheduler."),
+        io.Conditioning.Input("positive", tooltip="The global prompt's conditioning (whole picture)."),
+        io.Conditioning.Input("negative", tooltip="The negative conditioning, used by every pass."),
+    ]
+
+
 class CrossDenoiseKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -179,14 +191,7 @@ class CrossDenoiseKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed for the initial noise."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of denoising steps."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, for every region and global pass."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="Any ComfyUI sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                               tooltip="Any ComfyUI scheduler."),
-                io.Conditioning.Input("positive", tooltip="The global prompt's conditioning (whole picture)."),
-                io.Conditioning.Input("negative", tooltip="The negative conditioning, used by every pass."),
+                *sampling_inputs(),
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (empty, or an image for img2img)."),
                 RegionsType.Input("regions", tooltip="Regions from Region Mask Builder (with a CLIP connected)."),
                 *schedule_inputs(),
