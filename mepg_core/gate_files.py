@@ -173,10 +173,18 @@ def _row_order(path: str, file_experts: list[dict], stack: ExpertStack) -> list[
         match = next((row for row in unused if file_experts[row]["hash"] == expert["hash"]), None)
         if match is None:
             expected = file_experts[index]
+            hint = ""
+            if getattr(stack.experts[index], "kind", None) == "tensors":
+                hint = (
+                    f"; '{expert['name']}' is named by the model's weights as the patch loaded them, so another "
+                    "checkpoint or storage dtype (e.g. fp8) gives another expert. To share gates across dtypes, "
+                    "stack the base checkpoint with Expert Stack Loader and turn include_base off"
+                )
             raise ValueError(
                 f"{path}: gates were trained for a different expert stack; stack expert {index} "
                 f"'{expert['name']}' ({expert['hash'][:12]}) is not among the file's experts "
                 f"{_describe(file_experts)} (position {index} there: '{expected['name']}' ({expected['hash'][:12]}))"
+                + hint
             )
         unused.remove(match)
         order.append(match)

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import math
 from collections import OrderedDict
@@ -565,6 +566,7 @@ class RoutingContext:
         self._token_ids_cache: dict[tuple[int, str], torch.Tensor] = {}
         self._plans: dict[tuple, _TokenPlan] = {}
         self._sigma_on: dict[torch.device, torch.Tensor] = {}
+        self._expanded: dict[int, RoutingContext] = {}
 
     # -- convenience constructors
     @classmethod
@@ -693,6 +695,32 @@ class RoutingContext:
         plan = _TokenPlan(groups, bool(dynamic_ids), dynamic_positions, dynamic_prior, dynamic_rows)
         self._plans[key] = plan
         return plan
+
+    def expanded(self, factor: int, site: str = "") -> RoutingContext:
+        """This context for ``factor × B`` rows, each row standing for ``factor`` consecutive rows (the
+        ``(b nh nw)`` order HyperTile uses when it moves attention tiles into the batch). Rows keep their
+        region, uncond flag and sigma. A per-token region map cannot follow tiles of unknown layout:
+        that raises a ValueError naming the patch kinds that do this."""
+        if self.region_map is not None:
+            raise ValueError(
+                f"{site or 'MoE site'}: input batch {factor * self.batch_size} for a routing context of "
+                f"{self.batch_size} rows: a model patch moved attention tokens into the batch (HyperTile or "
+                "another tiled-attention patch). Routing tokens by region cannot follow those tiles; remove "
+                "HyperTile / tiled attention from this model, or sample it without regions (gate routing "
+                "and region windows work with it)")
+        if factor in self._expanded:
+            return self._expanded[factor]
+        out = copy.copy(self)
+
+        def repeat(t):
+            return None if t is None else t.repeat_interleave(factor, dim=0)
+
+        out.batch_size = self.batch_size * factor
+        out.row_region, out.is_uncond, out.sigma = repeat(self.row_region), repeat(self.is_uncond), repeat(self.sigma)
+        out._row_ids = repeat(self._row_ids)
+        out._token_ids_cache, out._plans, out._sigma_on, out._expanded = {}, {}, {}, {}
+        self._expanded[factor] = out
+        return out
 
     def sigma_on(self, device: torch.device) -> torch.Tensor:
         if self.sigma is None:
@@ -866,14 +894,22 @@ class _GatedSite(nn.Module):
     def _options(self, context: RoutingContext | None) -> GateOptions:
         return context.options if context is not None and context.options is not None else self.runtime.options
 
+    def _context_for_batch(self, context: RoutingContext | None, batch: int) -> RoutingContext | None:
+        """The active context for an input of ``batch`` rows. A batch that is a whole multiple of the
+        context's comes from a patch that moved attention tiles into the batch (HyperTile): each context
+        row then stands for that many consecutive rows (see :meth:`RoutingContext.expanded`)."""
+        if context is None or context.batch_size == batch:
+            return context
+        if batch > context.batch_size and batch % context.batch_size == 0:
+            return context.expanded(batch // context.batch_size, self.path)
+        raise ValueError(f"{self.path}: input batch {batch}, routing context batch {context.batch_size}")
+
     def _plan(self, context: RoutingContext | None, batch: int, tokens: int, device: torch.device) -> _TokenPlan:
         gate_raw = self._gate_raw_constant()
         if context is None:
             if gate_raw is not None:
                 return _TokenPlan([(gate_raw, None)], False, None, None, None)
             return _TokenPlan([], True, None, None, None)
-        if context.batch_size != batch:
-            raise ValueError(f"{self.path}: input batch {batch}, routing context batch {context.batch_size}")
         return context.plan(tokens, self.input_kind, self.num_experts, gate_raw, device)
 
     def _dynamic_weights(
@@ -912,6 +948,7 @@ class _GatedSite(nn.Module):
         options = self._options(context)
         tokens3 = self._as_tokens(x, context)
         batch, tokens, channels = tokens3.shape
+        context = self._context_for_batch(context, batch)
         if context is not None and context.recorder is not None:
             context.recorder.add(self.path, tokens3, context.is_uncond)
         plan = self._plan(context, batch, tokens, x.device)
@@ -966,6 +1003,7 @@ class _GatedSite(nn.Module):
         options = self._options(context)
         tokens3 = self._as_tokens(x, context)
         batch, tokens, channels = tokens3.shape
+        context = self._context_for_batch(context, batch)
         plan = self._plan(context, batch, tokens, x.device)
         flat = tokens3.reshape(batch * tokens, channels)
         dynamic = None
@@ -1086,13 +1124,18 @@ class GatedLinear(_GatedSite):
             )
             for expert, w in enumerate(weights):
                 if w != 0.0:
-                    weight.add_(self.expert_weight[expert].to(like.device), alpha=w)
+                    # Cast before mixing: storage dtypes such as float8 do not promote in add_.
+                    weight.add_(self.expert_weight[expert].to(like.device, torch.float32), alpha=w)
                     if bias is not None:
-                        bias.add_(self.expert_bias[expert].to(like.device), alpha=w)
+                        bias.add_(self.expert_bias[expert].to(like.device, torch.float32), alpha=w)
             # Weight and bias travel as one tensor so the cache holds a single entry per key.
             return weight.to(like.dtype) if bias is None else torch.cat([weight, bias[:, None]], dim=1).to(like.dtype)
 
-        key = (id(self), self.path, weights, like.dtype, like.device)
+        # The expert tensors' identity is part of the key: ComfyUI patches them (LoRAs, merges) by replacing
+        # the parameters, so a merge of the old weights is never reused. (Whoever rewrites them in place, as
+        # hook patching does, clears the cache.)
+        tensors = tuple(id(t) for t in (self.expert_weight, self.expert_bias) if t is not None)
+        key = (id(self), self.path, weights, like.dtype, like.device, tensors)
         merged = self.runtime.merge_cache.get(key, build)
         if self.expert_bias is None:
             return merged, None

@@ -32,6 +32,27 @@ _PASS: contextvars.ContextVar[PassInfo | None] = contextvars.ContextVar("mepg_mo
 
 
 @dataclass(frozen=True)
+class CallFrame:
+    """Where the rows of one model call lie on the latent the sampler is working on.
+
+    ``canvas_hw``: that latent's ``(H, W)`` in cells (a window's size during a window pass).
+    ``chunk_areas``: per chunk of rows (ComfyUI batches conditions as equal chunks), the area
+    ``(h, w, y, x)`` the chunk was cropped to, or ``None`` for the whole canvas (ComfyUI runs an area
+    condition's rows on its area only).
+    """
+
+    canvas_hw: tuple[int, int]
+    chunk_areas: tuple[tuple[int, int, int, int] | None, ...] = ()
+
+    def row_areas(self, batch_size: int) -> list[tuple[int, int, int, int] | None] | None:
+        """Each row's area, or None when no chunk is cropped (or the rows do not split into the chunks)."""
+        if not any(a is not None for a in self.chunk_areas) or batch_size % len(self.chunk_areas):
+            return None
+        per_chunk = batch_size // len(self.chunk_areas)
+        return [area for area in self.chunk_areas for _ in range(per_chunk)]
+
+
+@dataclass(frozen=True)
 class PassInfo:
     """One announced model pass. ``kind``: ``"local"`` (a region window), ``"background"`` or ``"global"``."""
 
@@ -87,6 +108,18 @@ class MoERouting:
             return RegionRoute.gate()
         return RegionRoute.prior((1.0 - self.global_region_bias) + self.global_region_bias * w)
 
+    def region_routes(self, regions: Sequence[Any], mode: str = "own") -> tuple[RegionRoute, ...]:
+        """One route per region: its own route (``mode="own"``, as in its local window) or its global-step
+        route (``"favour"``: the gate, with the region's experts favoured by ``global_region_bias``)."""
+        if mode not in ("own", "favour"):
+            raise ValueError(f"region route mode must be 'own' or 'favour', got {mode!r}")
+        make = self.own_route if mode == "own" else self.global_route
+        return tuple(make(r.expert, r.style) for r in regions)
+
+    def region_map(self, masks: torch.Tensor) -> torch.Tensor:
+        """``[H, W]`` long: the region of each latent cell of ``masks`` ``[R, H, W]`` (-1 outside every region)."""
+        return self._region_map(masks)
+
     # -- passes ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def enter(self, kind: str, region_index: int | None, regions: Sequence[Any], masks: torch.Tensor | None
@@ -136,10 +169,12 @@ class MoERouting:
         return _PASS.get()
 
     def context_for(self, batch_size: int, cond_or_uncond: Sequence[int] | None, sigma: torch.Tensor | None,
-                    latent_hw: tuple[int, int]) -> RoutingContext:
+                    latent_hw: tuple[int, int], frame: CallFrame | None = None) -> RoutingContext:
         """The routing context of one diffusion-model call of ``batch_size`` rows on a ``latent_hw`` latent.
 
         ``cond_or_uncond``: ComfyUI's per-chunk flags (0 cond, 1 uncond); rows are split evenly among chunks.
+        ``frame``: where the rows lie on the sampled latent (area conditions run on crops of it); without
+        one the call's latent is taken to be the whole canvas.
         """
         is_uncond = None
         if cond_or_uncond:
@@ -152,27 +187,54 @@ class MoERouting:
         if not self.uses_sigma:
             sigma = None
             key = (None if info is None else (info.kind, info.region_index, info.routes, id(info.region_map)),
-                   batch_size, None if is_uncond is None else tuple(is_uncond), tuple(latent_hw))
+                   batch_size, None if is_uncond is None else tuple(is_uncond), tuple(latent_hw), frame)
             cached = self._contexts.get(key)
             region_map = None if info is None else info.region_map
             if cached is not None and cached[1] is region_map:  # identity guards against a reused id()
                 return cached[0]
-        context = self._build_context(info, batch_size, is_uncond, sigma, latent_hw)
+        context = self._build_context(info, batch_size, is_uncond, sigma, latent_hw, frame)
         if key is not None:
             if len(self._contexts) > 64:
                 self._contexts.clear()
             self._contexts[key] = (context, None if info is None else info.region_map)
         return context
 
-    def _build_context(self, info: PassInfo | None, batch_size: int, is_uncond, sigma, latent_hw) -> RoutingContext:
+    def _build_context(self, info: PassInfo | None, batch_size: int, is_uncond, sigma, latent_hw,
+                       frame: CallFrame | None = None) -> RoutingContext:
         common = {"is_uncond": is_uncond, "uncond_policy": self.uncond_policy, "sigma": sigma}
         if info is None or info.kind == "background" or not info.routes:
             return RoutingContext.gate_only(batch_size, **common)
         if info.kind == "local":
             return RoutingContext(batch_size, routes=info.routes, row_region=[0] * batch_size, **common)
-        region_map = info.region_map
-        if region_map is not None and tuple(region_map.shape) != tuple(latent_hw):
-            region_map = None  # a call on another grid (should not happen); fall back to the gate
-        if region_map is None:
+        if info.region_map is None:
             return RoutingContext.gate_only(batch_size, **common)
+        region_map = rows_region_map(info.region_map, batch_size, tuple(latent_hw), frame)
         return RoutingContext(batch_size, routes=info.routes, region_map=region_map, **common)
+
+
+def rows_region_map(region_map: torch.Tensor, batch_size: int, latent_hw: tuple[int, int],
+                    frame: CallFrame | None) -> torch.Tensor:
+    """The region map of a call's rows: ``region_map`` ``[H, W]`` (the canvas), or ``[B, h, w]`` crops of it
+    when chunks ran on areas. Raises a ValueError when the call's latent is not (a crop of) the canvas:
+    a tiling sampler or patch ran the model on tiles whose place the routing cannot know."""
+    canvas = tuple(frame.canvas_hw) if frame is not None else tuple(latent_hw)
+    if tuple(region_map.shape) != canvas:
+        raise ValueError(
+            f"MEPG MoE routing: the model was called on a {canvas[1]}x{canvas[0]} latent (cells), but the "
+            f"regions are laid out on {region_map.shape[1]}x{region_map.shape[0]}: a tiled sampler or a "
+            "tiling patch runs the model on tiles whose place in the picture is unknown, so regions cannot be "
+            "routed there. Remove the tiling, or sample that model without regions")
+    areas = frame.row_areas(batch_size) if frame is not None else None
+    if areas is None:
+        if canvas != tuple(latent_hw):
+            raise ValueError(
+                f"MEPG MoE routing: a {latent_hw[1]}x{latent_hw[0]} model input on a {canvas[1]}x{canvas[0]} "
+                "canvas with no area to place it (a patch that tiles the latent?); regions cannot be routed there")
+        return region_map
+    crops = []
+    for area in areas:
+        crop = region_map if area is None else region_map[area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
+        if tuple(crop.shape) != tuple(latent_hw):
+            raise ValueError(f"MEPG MoE routing: a row's area {area} does not give its {latent_hw} input")
+        crops.append(crop)
+    return torch.stack(crops)

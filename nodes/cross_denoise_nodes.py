@@ -21,6 +21,7 @@ from ..mepg_core import cross_denoise as cd
 from ..mepg_core.regions import RegionSet, build_region_set
 from .checks import check_choice, check_number
 from .types import CATEGORY, RegionsType
+from .window_conditioning import WindowConditioning, region_pass_conditioning
 
 log = logging.getLogger("mepg")
 
@@ -39,6 +40,11 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         self.settings = settings
         self.routing = routing
         self.stats = {"local_steps": 0, "global_steps": 0, "passes": []}
+        # A hand-off run (start/end steps) covers steps step_offset… of a total_steps schedule; the stage
+        # plan follows the whole schedule's step numbers (None: the steps of this run are the schedule).
+        self.step_offset = 0
+        self.total_steps: int | None = None
+        self._windows: WindowConditioning | None = None
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -47,7 +53,7 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
                 raise ValueError(
                     f"MEPG Cross-Denoise: region {spec.index} ({spec.label!r}) has no conditioning; "
                     "connect a CLIP to Region Mask Builder")
-            conds[f"mepg_region_{spec.index}"] = spec.conditioning
+            conds[f"mepg_region_{spec.index}"] = region_pass_conditioning(spec.conditioning, positive, spec.label)
         self.inner_set_conds(conds)
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -58,9 +64,14 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             self._latent_in = self.inner_model.process_latent_in(latent_image)
         self._sigma_values = [float(v) for v in sigmas.detach().float().cpu()]
-        self._plan = self._make_plan(noise.shape[-2], noise.shape[-1], len(sigmas) - 1)
-        return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                    disable_pbar, seed, latent_shapes=latent_shapes)
+        self._plan = self._make_plan(noise.shape[-2], noise.shape[-1], self.total_steps or len(sigmas) - 1)
+        self._windows = WindowConditioning(tuple(noise.shape[-2:]))
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, latent_shapes=latent_shapes)
+        finally:
+            self._windows.cleanup()
+            self._windows = None
 
     def _make_plan(self, height: int, width: int, n_steps: int) -> cd.LocalPlan:
         rs = self.region_set
@@ -73,7 +84,7 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.flatten()[0])
-        step = cd.step_index(sigma, self._sigma_values)
+        step = self.step_offset + cd.step_index(sigma, self._sigma_values)
         kind = cd.stage(step, self._plan.n_steps, self.settings)
         if kind == cd.GLOBAL:
             self.stats["global_steps"] += 1
@@ -85,23 +96,37 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         ms = self.inner_model.model_sampling
         x_ref = ms.noise_scaling(timestep.reshape(-1)[:1].to(x.dtype), self._noise.to(x),
                                  self._latent_in.to(x), max_denoise=False)
-        negative = self.conds.get("negative")
 
         def denoise(pass_index: int, x_in: torch.Tensor) -> torch.Tensor:
             comfy.model_management.throw_exception_if_processing_interrupted()
             if pass_index == self._plan.n_regions:
-                positive, window, name = self.conds.get("positive"), None, "background"
+                name, cond_key, window = "background", "positive", self._background_window(alpha, x_in)
             else:
-                positive = self.conds[f"mepg_region_{pass_index}"]
-                window, name = self._plan.windows[pass_index], f"region_{pass_index}"
+                name, cond_key = f"region_{pass_index}", f"mepg_region_{pass_index}"
+                window = self._plan.windows[pass_index]
+            if window is not None and (window[3] - window[1], window[2] - window[0]) != tuple(x_in.shape[-2:]):
+                raise RuntimeError(f"MEPG Cross-Denoise: {name} pass on {tuple(x_in.shape[-2:])}, window {window}")
+            positive, negative = self._pass_conds(cond_key, window)
             self.stats["passes"].append((step, name, tuple(x_in.shape[-2:])))
-            with self._route("local", None if window is None else pass_index, window):
+            with self._route("local", None if cond_key == "positive" else pass_index, window):
                 out = comfy.samplers.sampling_function(self.inner_model, x_in, timestep, negative, positive,
                                                        self.cfg, model_options=model_options, seed=seed)
-            what = name if window is None else f"{name} ({self.region_set.regions[pass_index].label!r})"
+            what = name if cond_key == "positive" else f"{name} ({self.region_set.regions[pass_index].label!r})"
             return _finite(out, step, what)
 
         return cd.local_step(x, x_ref, self._plan, alpha, denoise)
+
+    def _pass_conds(self, cond_key: str, window):
+        """(positive, negative) processed conditions of a pass on ``window`` (None: the whole latent)."""
+        crop = self._windows.crop
+        return crop(cond_key, self.conds.get(cond_key), window), crop("negative", self.conds.get("negative"), window)
+
+    def _background_window(self, alpha: float, x_in: torch.Tensor):
+        """The window of a background pass (the one ``cd.local_step`` cut), or None for the whole latent."""
+        if tuple(x_in.shape[-2:]) == tuple(self._plan.masks.shape[-2:]):
+            return None
+        _, bg_weight = cd.fusion_weights(self._plan, alpha)
+        return cd.background_window(bg_weight, self.settings.context_margin, self.settings.align)
 
     def _route(self, kind, region_index, window):
         if self.routing is None:
@@ -154,6 +179,18 @@ def schedule_inputs() -> list:
     ]
 
 
+def sampling_inputs() -> list:
+    """cfg, sampler, scheduler and the two prompts, in the order both Cross-Denoise KSamplers show them."""
+    return [
+        io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale, for every region and global pass."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Any ComfyUI sampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Any ComfyUI scheduler."),
+        io.Conditioning.Input("positive", tooltip="The global prompt's conditioning (whole picture)."),
+        io.Conditioning.Input("negative", tooltip="The negative conditioning, used by every pass."),
+    ]
+
+
 class CrossDenoiseKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -171,14 +208,7 @@ class CrossDenoiseKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed for the initial noise."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of denoising steps."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, for every region and global pass."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="Any ComfyUI sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                               tooltip="Any ComfyUI scheduler."),
-                io.Conditioning.Input("positive", tooltip="The global prompt's conditioning (whole picture)."),
-                io.Conditioning.Input("negative", tooltip="The negative conditioning, used by every pass."),
+                *sampling_inputs(),
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (empty, or an image for img2img)."),
                 RegionsType.Input("regions", tooltip="Regions from Region Mask Builder (with a CLIP connected)."),
                 *schedule_inputs(),
@@ -202,8 +232,14 @@ class CrossDenoiseKSampler(io.ComfyNode):
 
 
 def run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, regions,
-                      settings, denoise, routing=None):
-    """The KSampler path (noise, sigmas, preview callback) with the cross-denoise guider."""
+                      settings, denoise, routing=None, *, disable_noise=False, start_step=None, last_step=None,
+                      force_full_denoise=False):
+    """The KSampler path (noise, sigmas, preview callback) with the cross-denoise guider.
+
+    ``disable_noise`` / ``start_step`` / ``last_step`` / ``force_full_denoise`` mean what they mean to
+    ComfyUI's ``common_ksampler`` (KSamplerAdvanced); the stage plan then numbers steps on the whole
+    ``steps`` schedule, so a run split into hand-offs has the same local and global steps as one run.
+    """
     node = "MEPG Cross-Denoise KSampler"
     check_number(node, "cfg", cfg, 0)
     check_number(node, "denoise", denoise, 0, 1)
@@ -212,13 +248,24 @@ def run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive
     check_choice(node, "sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
     check_choice(node, "scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    if disable_noise:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+    else:
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                        scheduler=scheduler, denoise=denoise, model_options=model.model_options)
     sigmas = ksampler.sigmas
+    total_steps = None
+    if start_step is not None or last_step is not None:
+        total_steps = len(sigmas) - 1
+        sigmas = handoff_sigmas(sigmas, start_step, last_step, force_full_denoise)
+        if sigmas is None:  # starts at or after the last step: nothing to do (as KSamplerAdvanced)
+            return latent_image
     if sigmas.shape[-1] == 0:
         return latent_image
     guider = CrossDenoiseGuider(model, regions, settings, routing=routing or model_routing(model))
+    if total_steps is not None:
+        guider.total_steps, guider.step_offset = total_steps, int(start_step or 0)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
@@ -226,6 +273,23 @@ def run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     return samples.to(comfy.model_management.intermediate_device())
+
+
+def handoff_sigmas(sigmas: torch.Tensor, start_step: int | None, last_step: int | None,
+                   force_full_denoise: bool) -> torch.Tensor | None:
+    """The part of a schedule a start/end-step run samples, exactly as ``comfy.samplers.KSampler.sample``
+    cuts it; None when the run starts at or after the last step."""
+    sigmas = sigmas.clone()
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1]
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step < len(sigmas) - 1:
+            sigmas = sigmas[start_step:]
+        else:
+            return None
+    return sigmas
 
 
 class CrossDenoiseGuiderNode(io.ComfyNode):

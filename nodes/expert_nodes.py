@@ -11,10 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 
-import comfy.lora
 import comfy.model_management
-import comfy.model_patcher
-import comfy.patcher_extension
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -23,6 +20,7 @@ from ..mepg_core.experts import ExpertSpec, default_style_tags, discover_sites, 
 from ..mepg_core.gate_files import load_gate_file
 from ..mepg_core.gating import GateOptions, GateSet, InputMeanRecorder, MoERuntime, RoutingContext, build_moe_modules
 from ..mepg_core.moe_routing import MoERouting
+from . import moe_composition
 from .checks import check_number
 from .types import CATEGORY, ExpertStackType
 
@@ -30,8 +28,8 @@ log = logging.getLogger("mepg")
 
 GATE_FOLDER = "mepg_gates"
 ATTACHMENT = "mepg_moe"
-WRAPPER_KEY = "mepg_moe_routing"
-ADDITIONAL_MODELS_KEY = "mepg_experts"
+WRAPPER_KEY = moe_composition.KEY
+ADDITIONAL_MODELS_KEY = moe_composition.ADDITIONAL_MODELS_KEY
 GATE_MODES = ("uniform", "forced", "trained", "style_centroid")
 CALIBRATION_SIZE = 64  # latent cells per side of the calibration input (512 px)
 
@@ -170,40 +168,25 @@ def release_shared_weights(model) -> None:
             loaded.pop(i)
 
 
-def current_site_weights(model, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The model's weights at ``keys`` (``diffusion_model.*``) as it would run them: the original weights
-    plus this patcher's own weight patches (LoRAs applied before the MoE patch). Call
-    :func:`release_shared_weights` first."""
+def original_site_weights(model, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The model's own weights at ``keys`` (``diffusion_model.*``), without its weight patches: LoRAs and
+    merges on the model (applied before or after the MoE patch) are applied to every expert alike when
+    sampling (see ``moe_composition``). Call :func:`release_shared_weights` first."""
     state = model.model.state_dict()
-    out = {}
-    for key in keys:
-        weight = state[key].detach().to("cpu", torch.float32).clone()
-        if key in model.patches:
-            weight = comfy.lora.calculate_weight(model.patches[key], weight, key)
-        out[key] = weight
-    return out
-
-
-def make_routing_wrapper(runtime: MoERuntime, routing: MoERouting):
-    """A DIFFUSION_MODEL wrapper (a plain closure: ComfyUI deep-copies model options on clone)."""
-
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        ctx = routing.context_for(x.shape[0], transformer_options.get("cond_or_uncond"),
-                                  transformer_options.get("sigmas"), tuple(x.shape[-2:]))
-        with runtime.activate(ctx):
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-
-    return wrapper
+    return {key: state[key].detach().to("cpu", torch.float32).clone() for key in keys}
 
 
 @dataclass
 class MoEAttachment:
-    """What a patched model carries for the sampler (routing) and for tools (the stack, its modules)."""
+    """What a patched model carries for the sampler (routing) and for tools (the stack, its modules, the
+    experts' ModelPatcher and where its gates come from, for messages)."""
 
     routing: MoERouting
     runtime: MoERuntime
     modules: torch.nn.Module
     stack: object
+    experts: object = None
+    gate_source: str = "uniform gates (no gate file)"
 
     def on_model_patcher_clone(self):
         return self
@@ -222,7 +205,8 @@ class GatedMoEPatch(io.ComfyNode):
                 "y = sum_i w_i * Expert_i(x). Other weights stay the model's own; the input model is unchanged."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SDXL model to patch (LoRAs applied before are kept)."),
+                io.Model.Input("model", tooltip="The SDXL model to patch. LoRAs applied to it before or after the "
+                                                "patch change every expert the way they change the base."),
                 ExpertStackType.Input("expert_stack", tooltip="The expert portfolio."),
                 io.Boolean.Input("include_base", default=True,
                                  tooltip="Use the model's own weights as expert 0, named 'base'."),
@@ -271,7 +255,7 @@ class GatedMoEPatch(io.ComfyNode):
         base_tensors = None
         if include_base or any(e.kind == "lora" for e in portfolio.entries):
             site_keys = [f"diffusion_model.{k}" for k in _site_keys(reference)]
-            base_tensors = current_site_weights(model, site_keys)
+            base_tensors = original_site_weights(model, site_keys)
         base_spec = ExpertSpec.from_tensors("base", base_tensors, tags=["base"]) if base_tensors else None
         if include_base:
             specs.append(base_spec)
@@ -294,17 +278,9 @@ class GatedMoEPatch(io.ComfyNode):
                              uses_sigma=getattr(gates, "sigma_features", 0) > 0)
 
         patched = model.clone()
-        # Patch each site's forward, not the module: the original modules stay in the tree, so ComfyUI's
-        # weight patching and bookkeeping of the base (and of LoRAs applied to it) work as usual.
-        for path, module in modules.object_patches():
-            patched.add_object_patch(f"{path}.forward", module.forward)
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                     make_routing_wrapper(runtime, routing))
-        patched.set_attachments(ATTACHMENT, MoEAttachment(routing, runtime, modules, stack))
-        # The expert weights are a model of their own for ComfyUI's memory manager (loaded and offloaded
-        # with the patched model, counted in its memory plan).
-        patched.set_additional_models(ADDITIONAL_MODELS_KEY, [comfy.model_patcher.ModelPatcher(
-            modules, load_device=model.load_device, offload_device=model.offload_device)])
+        source = gate_source(gate_mode, gate_file, forced_expert)
+        experts = moe_composition.install(patched, modules, runtime, routing, source)
+        patched.set_attachments(ATTACHMENT, MoEAttachment(routing, runtime, modules, stack, experts, source))
         if gate_mode == "style_centroid":
             modules.set_gates(style_centroid_gates(patched, clip, stack, runtime))
         log.info("MEPG: patched %d MoE sites with %d experts (%s), %.1f MB of expert weights",
@@ -327,11 +303,22 @@ class GatedMoEPatch(io.ComfyNode):
         raise ValueError(f"unknown gate_mode {mode!r}; choose one of {', '.join(GATE_MODES)}")
 
 
+def gate_source(gate_mode: str, gate_file: str, forced_expert: str) -> str:
+    """Where a patch's gates come from, in words (for messages that tell users what to keep)."""
+    if gate_mode == "trained":
+        return f"the gate file models/{GATE_FOLDER}/{gate_file} (gate_mode 'trained')"
+    if gate_mode == "forced":
+        return f"gate_mode 'forced' on expert {forced_expert.strip()!r} (no gate file)"
+    if gate_mode == "style_centroid":
+        return "gate_mode 'style_centroid' (made from the CLIP; no gate file)"
+    return f"gate_mode {gate_mode!r} (no gate file)"
+
+
 def style_centroid_gates(patched, clip, stack, runtime: MoERuntime, sharpness: float = 4.0) -> GateSet:
     """Training-free gates: run the patched model once per expert, forced to that expert, on its style
     prompt; each site's gate rows come from the experts' mean inputs there (``GateSet.from_centroids``).
     The input is a fixed-seed noise latent at a middle noise level, so the result is deterministic."""
-    comfy.model_management.load_models_gpu([patched])
+    moe_composition.load_moe_models(patched)
     inner = patched.model
     device = patched.load_device
     generator = torch.Generator().manual_seed(0)
@@ -340,7 +327,8 @@ def style_centroid_gates(patched, clip, stack, runtime: MoERuntime, sharpness: f
     x = inner.model_sampling.calculate_input(sigma, noise.to(device) * sigma)
     timestep = inner.model_sampling.timestep(sigma).float()
     recorder = InputMeanRecorder(stack.num_experts)
-    dtype = inner.get_dtype()
+    # The compute dtype, as BaseModel.apply_model picks it (float8 storage computes in a cast dtype).
+    dtype = inner.manual_cast_dtype or inner.get_dtype()
     for index, expert in enumerate(stack.experts):
         tags = [t for t in expert.tags if t != "base"] or [expert.name]
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"{', '.join(tags)} style"))[0]

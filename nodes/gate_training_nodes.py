@@ -23,7 +23,6 @@ import os
 import uuid
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
@@ -46,13 +45,11 @@ from ..mepg_core.gate_training import (
 )
 from ..mepg_core.gating import GateSet, MoERuntime, build_moe_modules
 from ..mepg_core.moe_routing import MoERouting
+from . import moe_composition
 from .expert_nodes import (
-    ADDITIONAL_MODELS_KEY,
     ATTACHMENT,
     GATE_FOLDER,
-    WRAPPER_KEY,
     MoEAttachment,
-    make_routing_wrapper,
     release_shared_weights,
     safetensors_files,
 )
@@ -100,14 +97,9 @@ def with_gates(model, gates: GateSet):
     routing = MoERouting(stack, global_region_bias=old.routing.global_region_bias,
                          uncond_policy=old.routing.uncond_policy, uses_sigma=gates.sigma_features > 0)
     patched = model.clone()
-    for path, module in modules.object_patches():
-        patched.add_object_patch(f"{path}.forward", module.forward)
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 make_routing_wrapper(runtime, routing))
-    patched.set_attachments(ATTACHMENT, MoEAttachment(routing, runtime, modules, stack))
-    patched.set_additional_models(ADDITIONAL_MODELS_KEY, [comfy.model_patcher.ModelPatcher(
-        modules, load_device=model.load_device, offload_device=model.offload_device)])
+    source = "the gates being trained (save them with Save MoE Gate, then load them with gate_mode 'trained')"
+    experts = moe_composition.install(patched, modules, runtime, routing, source)
+    patched.set_attachments(ATTACHMENT, MoEAttachment(routing, runtime, modules, stack, experts, source))
     return patched
 
 
@@ -243,7 +235,7 @@ def train_moe_gates(
     with torch.inference_mode(False):
         base = trainer_model.model
         base.requires_grad_(False)
-        comfy.model_management.load_models_gpu([trainer_model], force_full_load=True)
+        moe_composition.load_moe_models(trainer_model, force_full_load=True)
         trainer_model.pre_run()
         try:
             denoiser = ComfyDenoiser(trainer_model, config.prediction_type)

@@ -303,6 +303,84 @@ def bench_moe(steps: int, size: int, repeats: int) -> dict:
     }
 
 
+def bench_model_stored(weights: dict, dtype):
+    """The bench model built the way ComfyUI's UNET loader builds one with ``weight_dtype`` (storage
+    ``dtype``, computing in its manual-cast dtype), from diffusion-model ``weights``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from mepg_tiny_models.tiny_sdxl import TINY_UNET_CONFIG, TinySDXL
+
+    config = TinySDXL({**TINY_UNET_CONFIG, **BENCH_UNET})
+    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(),
+                                                          config.supported_inference_dtypes))
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(weights)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def bench_moe_fp8(steps: int, size: int, repeats: int) -> dict:
+    """Experts stored in fp8 (a fp8_e4m3fn model): resident bytes per expert at the MoE sites against fp16
+    and fp32 storage, sampling time with uniform, trained (dense) and forced gates against the plain fp8
+    model, and a forced expert against that expert's own model in fp8 (which should be equal)."""
+    import torch
+
+    nodes = inprocess.load_pack(BASE, with_tiny_models=True)
+    import comfy.model_management as mm
+    import folder_paths
+    from safetensors.torch import load_file
+
+    expert_nodes = inprocess.pack_module("nodes.expert_nodes")
+    gating = inprocess.pack_module("mepg_core.gating")
+    gate_files = inprocess.pack_module("mepg_core.gate_files")
+    reference, config = bench_model()
+    files = write_bench_experts(reference, EXPERT_NAMES)
+    weights = reference.model.diffusion_model.state_dict()
+    fp8 = bench_model_stored(weights, torch.float8_e4m3fn)
+    positive, negative = random_cond(1), random_cond(2)
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+
+    def run(m):
+        return nodes.common_ksampler(m, 7, steps, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+    def patch(model, **kw):
+        return patch_moe(nodes, model, stack_experts(nodes, files), **kw)
+
+    uniform = patch(fp8)
+    stack = uniform.get_attachment(expert_nodes.ATTACHMENT).stack
+    gate_path = f"{folder_paths.get_folder_paths('mepg_gates')[0]}/bench_random_gate_fp8.safetensors"
+    gate_files.save_gate_file(gate_path, gating.GateSet.random(stack, std=0.05, seed=3), stack, gating.GateOptions())
+    folder_paths.filename_list_cache.clear()
+    dense = patch(fp8, gate_mode="trained", gate_file="bench_random_gate_fp8.safetensors")
+    forced = patch(fp8, gate_mode="forced", forced_expert="anime")
+    expert_sites = load_file(str(BASE / "models" / "checkpoints" / files[EXPERT_NAMES.index("anime")]))
+    anime = bench_model_stored({**weights, **{k[len("model.diffusion_model."):]: v for k, v in expert_sites.items()}},
+                               torch.float8_e4m3fn)
+
+    def expert_bytes(model):
+        return mm.module_size(model.get_attachment(expert_nodes.ATTACHMENT).modules) // stack.num_experts
+
+    bytes_by_dtype = {"fp8_e4m3fn": expert_bytes(uniform)}
+    for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        bytes_by_dtype[name] = expert_bytes(patch(bench_model_stored(weights, dtype)))
+    run(fp8), run(uniform), run(dense)  # warm-up
+    outs, med = alternating_medians({"plain": lambda: run(fp8), "uniform": lambda: run(uniform),
+                                     "dense": lambda: run(dense)}, repeats)
+    err = float((run(forced) - run(anime)).abs().max())
+    return {
+        "experts": stack.num_experts, "steps": steps, "size_px": size, "repeats": repeats,
+        "storage_dtype": "float8_e4m3fn", "compute_dtype": str(fp8.model.manual_cast_dtype),
+        "expert_bytes": bytes_by_dtype,  # per expert, MoE-site weights and gates as held in memory
+        "expert_bytes_fp8_over_fp16": round(bytes_by_dtype["fp8_e4m3fn"] / bytes_by_dtype["fp16"], 4),
+        "moe_site_bytes_per_expert_fp8": int(stack.site_bytes_per_expert),
+        "plain_fp8_s": round(med["plain"], 3), "uniform_fp8_s": round(med["uniform"], 3),
+        "dense_fp8_s": round(med["dense"], 3),
+        "ratio_uniform": round(med["uniform"] / med["plain"], 3), "ratio_dense": round(med["dense"] / med["plain"], 3),
+        "max_abs_err_forced_vs_expert_fp8": err,
+        "finite": bool(all(torch.isfinite(v).all() for v in outs.values())), "config": config,
+    }
+
+
 def bench_gate_training(steps: int, size: int, repeats: int = 1) -> dict:
     """Stage-2 gate training on the synthetic teacher task (``tools/mepg_gate_testing.py``): a 4-expert
     stack of the bench model (base + three re-drawn experts), data made by one expert (the teacher),
@@ -410,7 +488,7 @@ def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> 
 
 
 BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl, "moe": bench_moe,
-           "gate_training": bench_gate_training}
+           "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training}
 
 
 def main() -> int:

@@ -26,12 +26,14 @@ def tiny_checkpoints() -> dict[str, Path]:
 
 
 def tiny_extra_paths() -> dict[str, Path]:
-    return {"lora": EXTRAS_DIR / "tiny_sdxl_lora.safetensors", "sd15": EXTRAS_DIR / "tiny_sd15_like.safetensors"}
+    return {"lora": EXTRAS_DIR / "tiny_sdxl_lora.safetensors", "sd15": EXTRAS_DIR / "tiny_sd15_like.safetensors",
+            "controlnet": EXTRAS_DIR / "tiny_sdxl_controlnet.safetensors"}
 
 
 @pytest.fixture(scope="session")
 def tiny_extras(tiny_checkpoints) -> dict[str, Path]:
-    """``{"lora": path, "sd15": path}``: a LoRA for the tiny base and an SD1.x-shaped checkpoint."""
+    """``{"lora": path, "sd15": path, "controlnet": path}``: a LoRA and a ControlNet for the tiny base and an
+    SD1.x-shaped checkpoint."""
     return tiny_extra_paths()
 
 

@@ -133,14 +133,34 @@ def sd15_like_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return _fill(unet.state_dict(), seed, "model.diffusion_model.")
 
 
+def controlnet_state_dict(seed: int, residual_scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """A ControlNet for the tiny SDXL UNet in the original (``control_model.*``) layout ComfyUI's
+    ControlNetLoader detects: same blocks as the UNet's encoder, a 3-channel hint encoder, and zero convs
+    that are *not* zero (a trained ControlNet's are not), scaled so a hint moves the output but does not
+    swamp it."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in TINY_UNET_CONFIG.items() if k != "out_channels"}
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
+    sd = _fill(control.state_dict(), seed)
+    for key in sd:
+        if key.startswith(("zero_convs.", "middle_block_out.")):
+            sd[key] = sd[key] * residual_scale
+    return {"control_model." + k: v for k, v in sd.items()}
+
+
 def write_extras(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """Error-path fixtures: a LoRA for the tiny base and an SD1.x-shaped checkpoint."""
+    """Extra fixtures: a LoRA and a ControlNet for the tiny base, and an SD1.x-shaped checkpoint."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"lora": out_dir / "tiny_sdxl_lora.safetensors", "sd15": out_dir / "tiny_sd15_like.safetensors"}
+    paths = {"lora": out_dir / "tiny_sdxl_lora.safetensors", "sd15": out_dir / "tiny_sd15_like.safetensors",
+             "controlnet": out_dir / "tiny_sdxl_controlnet.safetensors"}
     if not paths["lora"].exists():
         _save(tiny_lora_state_dict(unet_state_dict(seed), seed + 77), paths["lora"], {"mepg_fixture": "tiny-lora"})
     if not paths["sd15"].exists():
         _save(sd15_like_unet_state_dict(seed), paths["sd15"], {"mepg_fixture": "tiny-sd15-like"})
+    if not paths["controlnet"].exists():
+        _save(controlnet_state_dict(seed + 91), paths["controlnet"], {"mepg_fixture": "tiny-controlnet"})
     return paths
 
 
@@ -174,7 +194,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder to write the checkpoints into")
     ap.add_argument("--experts", nargs="*", default=list(DEFAULT_EXPERTS), help="expert names")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--extras", type=Path, help="also write the LoRA and SD1.x-shaped fixtures here")
+    ap.add_argument("--extras", type=Path, help="also write the LoRA, ControlNet and SD1.x-shaped fixtures here")
     a = ap.parse_args()
     for p in write_portfolio(a.out, tuple(a.experts), a.seed):
         print(p)

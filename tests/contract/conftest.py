@@ -64,6 +64,8 @@ def comfy(tiny_checkpoints, tiny_extras) -> ComfyInProcess:
     link_checkpoints(BASE, tiny_checkpoints)
     link_checkpoints(BASE, {"sd15": tiny_extras["sd15"]})
     link_checkpoints(BASE, {"lora": tiny_extras["lora"]}, folder="loras")
+    link_checkpoints(BASE, {"controlnet": tiny_extras["controlnet"]}, folder="controlnet")
+    link_checkpoints(BASE, tiny_checkpoints, folder="diffusion_models")  # for UNETLoader (fp8 weights)
     import folder_paths
 
     folder_paths.filename_list_cache.clear()

@@ -209,8 +209,8 @@ def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tin
     seen = []
     original = attachment.routing.context_for
 
-    def spy(batch, cond_or_uncond, sigma, hw):
-        ctx = original(batch, cond_or_uncond, sigma, hw)
+    def spy(batch, cond_or_uncond, sigma, hw, frame=None):
+        ctx = original(batch, cond_or_uncond, sigma, hw, frame=frame)
         seen.append((attachment.routing.current_pass(), ctx, hw))
         return ctx
 

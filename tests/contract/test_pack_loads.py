@@ -12,7 +12,8 @@ SNAPSHOT = Path(__file__).with_name("node_schema_snapshot.json")
 PACK_NODES = {
     "MEPG_LayoutFromJSON", "MEPG_RegionMaskBuilder", "MEPG_ExpertStackLoader", "MEPG_LoRAExpertLoader",
     "MEPG_GatedMoEPatch", "MEPG_CrossDenoiseKSampler", "MEPG_CrossDenoiseGuider", "MEPG_LLMLayoutPlanner",
-    "MEPG_LayoutEditor", "MEPG_TrainMoEGate", "MEPG_SaveMoEGate",
+    "MEPG_LayoutEditor", "MEPG_TrainMoEGate", "MEPG_SaveMoEGate", "MEPG_RegionalMoERouting",
+    "MEPG_CrossDenoiseKSamplerAdvanced",
 }
 
 
