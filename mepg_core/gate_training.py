@@ -99,6 +99,8 @@ from safetensors.torch import save_file
 from .experts import ExpertStack, require_safetensors
 from .gate_files import save_gate_file
 from .gating import Exploration, GateSet, MoEModules
+from .training.buckets import IMAGE_EXTENSIONS, RESIZE_MODES, Sizing, image_size
+from .training.buckets import aspect_buckets as aspect_buckets  # re-exported (its home is training.buckets)
 from .training.distributed import LocalRunner, ParameterHolder, rng_state, set_rng_state
 
 PREDICTION_TYPES = ("eps", "v")
@@ -106,8 +108,6 @@ STATE_FORMAT = "mepg-gate-training-state"
 STATE_VERSION = "1"
 DATASET_FORMAT = "mepg-latent-dataset"
 DATASET_VERSION = "1"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-RESIZE_MODES = ("bucket", "center_crop")
 GATE_PARAM_NAMES = ("gate_weight", "gate_bias", "gate_sigma_weight")
 
 
@@ -288,20 +288,6 @@ class FolderItem:
     style: str | None
 
 
-def aspect_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """SDXL-style buckets ``(width, height)``: multiples of ``step`` with ``w·h ≤ resolution²`` (the
-    largest such ``h`` for each ``w``) and aspect ratio within ``1/max_aspect … max_aspect``."""
-    if resolution < step or resolution % step:
-        raise ValueError(f"resolution must be a positive multiple of {step}, got {resolution}")
-    area = resolution * resolution
-    buckets = set()
-    for width in range(step, 4 * resolution + 1, step):
-        height = (area // width) // step * step
-        if height >= step and max(width / height, height / width) <= max_aspect:
-            buckets.add((width, height))
-    return sorted(buckets, key=lambda wh: wh[0] / wh[1])
-
-
 class ImageCaptionFolder:
     """A folder of training images in the layout other trainers use.
 
@@ -310,12 +296,9 @@ class ImageCaptionFolder:
     not searched. A missing caption is an error naming the image unless ``allow_missing_captions``
     (then ``""``).
 
-    Sizing (images of mixed sizes are normal):
-
-    - ``"bucket"`` (default): each image goes to the :func:`aspect_buckets` bucket of ``resolution``
-      whose aspect ratio is nearest to its own (in log scale), is scaled (Lanczos) to just cover the
-      bucket and centre-cropped to it. Batches never mix buckets. Little is cropped, nothing distorted.
-    - ``"center_crop"``: every image is scaled to cover ``resolution × resolution`` and centre-cropped to it.
+    Sizing (images of mixed sizes are normal): ``"bucket"`` (SDXL aspect buckets, batches never mix them)
+    or ``"center_crop"``, see :class:`~.training.buckets.Sizing`. For data sets that do not fit in memory
+    (and tar shards or a JSONL of paths) see :mod:`.training.streaming`.
 
     Raises ValueError for a missing folder or one without images (naming the extensions looked for).
     """
@@ -329,14 +312,10 @@ class ImageCaptionFolder:
         bucket_step: int = 64,
     ):
         self.folder = os.fspath(folder)
-        if mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        self.sizing = Sizing(resolution, mode, bucket_step)
         if not os.path.isdir(self.folder):
             raise ValueError(f"{self.folder}: training data folder not found")
-        self.resolution = int(resolution)
-        self.mode = mode
-        self.bucket_step = int(bucket_step)
-        self.buckets = aspect_buckets(self.resolution, self.bucket_step)
+        self.resolution, self.mode, self.buckets = self.sizing.resolution, mode, self.sizing.buckets
         names = sorted(
             n
             for n in os.listdir(self.folder)
@@ -362,39 +341,22 @@ class ImageCaptionFolder:
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` an image of this size is trained at."""
-        if self.mode == "center_crop":
-            return (self.resolution, self.resolution)
-        aspect = math.log(width / height)
-        return min(self.buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect))
+        return self.sizing.target_size(width, height)
 
     def load(self, index: int) -> tuple[torch.Tensor, str, str | None]:
         """``(image [H, W, 3] float32 in [0, 1] (ComfyUI IMAGE layout, without the batch axis), caption,
         style)`` with the image sized as described above."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
         item = self.items[index]
         with Image.open(item.image_path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-        width, height = self.target_size(*image.size)
-        scale = max(width / image.size[0], height / image.size[1])
-        resized = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
-        image = image.resize(resized, Image.LANCZOS)
-        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
-        return pixels.float() / 255.0, item.caption, item.style
+            return self.sizing.pixels(opened), item.caption, item.style
 
     def sizes(self) -> dict[tuple[int, int], int]:
         """``{(width, height): image count}`` without decoding pixels."""
-        from PIL import Image
-
         counts: dict[tuple[int, int], int] = {}
         for item in self.items:
-            with Image.open(item.image_path) as image:
-                w, h = image.size
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by EXIF: width/height swap
-                    w, h = h, w
-            key = self.target_size(w, h)
+            key = self.target_size(*image_size(item.image_path))
             counts[key] = counts.get(key, 0) + 1
         return counts
 

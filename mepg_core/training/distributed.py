@@ -106,8 +106,9 @@ class AccelerateRunner(LocalRunner):
                 "this run was started by a distributed launcher (WORLD_SIZE > 1), which needs the 'accelerate' "
                 "package: pip install accelerate (or the pack's 'train' extra)"
             ) from error
-        # Every parameter that trains takes part in every pass: no unused-parameter search per step.
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+        # A host may not run every gated site (or every LoRA) in every pass: let DDP find the unused ones
+        # (a walk over the autograd graph per step, small next to a UNet pass).
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available(), kwargs_handlers=[ddp])
         state = self.accelerator.state
         self.rank = state.process_index
