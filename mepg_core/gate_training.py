@@ -101,7 +101,7 @@ from .gate_files import save_gate_file
 from .gating import Exploration, GateSet, MoEModules
 from .training.buckets import IMAGE_EXTENSIONS, RESIZE_MODES, Sizing, image_size
 from .training.buckets import aspect_buckets as aspect_buckets  # re-exported (its home is training.buckets)
-from .training.distributed import LocalRunner, ParameterHolder, rng_state, set_rng_state
+from .training.distributed import LocalRunner, ParameterHolder, rank_positions, rng_state, set_rng_state
 
 PREDICTION_TYPES = ("eps", "v")
 STATE_FORMAT = "mepg-gate-training-state"
@@ -662,13 +662,8 @@ class GateTrainer:
         batch is split as evenly as possible). A rank left with nothing recomputes the first sample with
         position -1 (weight 0) so that every rank runs the same passes."""
         ids = self.batch_indices(micro_step)
-        world, rank = self.runner.world_size, self.runner.rank
-        per, extra = divmod(len(ids), world)
-        start = rank * per + min(rank, extra)
-        positions = list(range(start, start + per + (1 if rank < extra else 0)))
-        if not positions:
-            return [ids[0]], [-1], len(ids)
-        return [ids[p] for p in positions], positions, len(ids)
+        positions = rank_positions(len(ids), self.runner.rank, self.runner.world_size)
+        return [ids[max(p, 0)] for p in positions], positions, len(ids)
 
     def _batch_stream(self) -> Iterator[dict]:
         # This process's micro-batches from self.micro_step on; the data set may prefetch within an epoch

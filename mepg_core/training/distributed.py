@@ -167,6 +167,15 @@ def make_runner(cpu: bool = False) -> LocalRunner:
     return LocalRunner(torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
 
 
+def rank_positions(count: int, rank: int, world: int) -> list[int]:
+    """Positions ``0 … count-1`` of a global batch that rank ``rank`` of ``world`` takes: a contiguous
+    slice, as even as possible; ``[-1]`` (one padding pass, weight 0) when there are fewer than ranks, so
+    every rank runs the same number of synchronised passes."""
+    per, extra = divmod(count, world)
+    start = rank * per + min(rank, extra)
+    return list(range(start, start + per + (1 if rank < extra else 0))) or [-1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Random generator state (plain tensors and JSON, for .safetensors checkpoints)
 

@@ -65,6 +65,13 @@ class TrainingLog:
             self._bar = tqdm(total=self.total, initial=int(initial), desc=desc, unit="step", file=self.stream,
                              dynamic_ncols=True)
 
+    def set_total(self, total: int, done: int = 0) -> None:
+        """The run's step count once known (and the steps a resumed run had already done)."""
+        self.total, self._last_step = int(total), int(done)
+        if self._bar is not None:
+            self._bar.total, self._bar.n = self.total, int(done)
+            self._bar.refresh()
+
     def update(self, step: int, loss: float, lr: float, samples: int = 0, **extra: Any) -> dict | None:
         """Record optimiser step ``step`` (1-based) with its mean loss, learning rate and the number of
         samples it used over all processes; returns the JSONL record (rank 0)."""
