@@ -11,7 +11,8 @@ give the model input ``x_σ = x0 + σ·ε``. Per step the loop
 
 1. draws a timestep ``t ~ U{0, …, T-1}`` per sample (uniform over the training schedule, as SDXL was
    trained; ``σ = schedule[t]``, by default SDXL's 1000-step scaled-linear schedule, see
-   :func:`sdxl_sigmas`) and the noise, both from a generator seeded by ``(seed, micro-step)``;
+   :func:`sdxl_sigmas`) and the noise, both from a generator seeded by ``(seed, micro-step, position in
+   the global micro-batch)``, so they do not depend on how many processes share the batch;
 2. calls ``denoise_fn(x_σ [B, C, H, W], σ [B], conds: list of B host objects) -> prediction [B, C, H, W]``
    in the model's own parameterisation (``prediction_type``): ``"eps"`` (SDXL base: the noise ``ε``) or
    ``"v"`` (``v = α·ε - s·x0`` with ``α = 1/√(1+σ²)``, ``s = σ/√(1+σ²)``; ``σ_data = 1``);
@@ -53,6 +54,18 @@ buckets shuffled, cut into batches, batch order shuffled; all seeded by ``(seed,
 encoder (:func:`encode_folder`). :func:`save_latent_dataset` / :func:`load_latent_dataset` store encoded
 data as ``.safetensors`` (format documented there) for long runs.
 
+Data sets that do not fit in memory stream from a folder, a JSONL or tar shards with a latent cache
+(:class:`~.training.streaming.StreamingLatentData`).
+
+Several processes
+-----------------
+With a ``runner`` (:mod:`.training.distributed`, e.g. under ``accelerate launch``) the batches above are
+*global* micro-batches of ``batch_size × processes``; rank ``r`` takes the ``r``-th slice, its loss is
+weighted so that DDP's gradient average equals the mean over the whole global batch (a bucket's last,
+smaller batch included), and only the gate parameters are wrapped in DDP. So ``N`` processes × batch
+``b`` train what one process × batch ``N·b`` trains, up to float rounding; ε-greedy draws come from a
+generator per rank.
+
 Checkpoints and resume
 ----------------------
 With ``checkpoint_dir`` set, every ``checkpoint_every`` steps and at the end two files are written
@@ -67,7 +80,10 @@ With ``checkpoint_dir`` set, every ``checkpoint_every`` steps and at the end two
 Only the newest ``keep_checkpoints`` pairs are kept (older ones are deleted after a new one is complete).
 Resuming (:meth:`GateTrainer.resume`) restores all of it; since every random draw is seeded by
 ``(seed, step)``, a resumed run reproduces the uninterrupted one exactly (same device and dtype). A state
-file for another stack is refused, naming what differs.
+file for another stack, another global batch or another data set is refused, naming what differs. State
+files also hold the number of processes, the global batch, the data set's fingerprint and every rank's
+random generators (``rng.<rank>.torch`` / ``.cuda``, restored when resuming with as many processes);
+only rank 0 writes them, the others wait until they are complete.
 
 Failure: a non-finite loss or gradient stops training with :class:`GateTrainingError` before any update
 is applied; checkpoints already on disk are left as they are and the error names the last good one.

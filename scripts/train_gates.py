@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     latents, conditionings, styles, fixed_noise, fixed_sigmas, model_space, data_factory = [], [], None, None, None, \
         False, None
     source_spec = a.data_source or a.data_folder
+    streamed: list = []  # the streamed data set, once built (its encoder counts go to the log)
     if source_spec:
         try:
             source = streaming.open_source(source_spec, a.allow_missing_captions, workers=max(1, a.workers))
@@ -205,6 +206,7 @@ def main(argv=None) -> int:
             sizes = collections.Counter(data.manifest.sizes[int(b)] for b in data.manifest.bucket_of)
             log.info("%d samples in %d size buckets %s; %d still to encode (cached: %d)", len(data), len(sizes),
                      dict(sizes), data.cache.missing(), len(data) - data.cache.missing())
+            streamed.append(data)
             return data
     else:
         dataset, space = core.load_latent_dataset(a.data)
@@ -241,7 +243,8 @@ def main(argv=None) -> int:
         desc="gates", log_every=a.log_every, project=a.wandb_project, stream=sys.stdout)
 
     def progress(p):
-        tracker.update(p.step, p.loss, p.learning_rate, p.samples, epoch=p.epoch, style_loss=p.aux)
+        encoded = {"encoded_rank0": streamed[0].encoded_images} if streamed else {}
+        tracker.update(p.step, p.loss, p.learning_rate, p.samples, epoch=p.epoch, style_loss=p.aux, **encoded)
 
     try:
         trained, result = gt.train_moe_gates(
