@@ -11,7 +11,8 @@ give the model input ``x_σ = x0 + σ·ε``. Per step the loop
 
 1. draws a timestep ``t ~ U{0, …, T-1}`` per sample (uniform over the training schedule, as SDXL was
    trained; ``σ = schedule[t]``, by default SDXL's 1000-step scaled-linear schedule, see
-   :func:`sdxl_sigmas`) and the noise, both from a generator seeded by ``(seed, micro-step)``;
+   :func:`sdxl_sigmas`) and the noise, both from a generator seeded by ``(seed, micro-step, position in
+   the global micro-batch)``, so they do not depend on how many processes share the batch;
 2. calls ``denoise_fn(x_σ [B, C, H, W], σ [B], conds: list of B host objects) -> prediction [B, C, H, W]``
    in the model's own parameterisation (``prediction_type``): ``"eps"`` (SDXL base: the noise ``ε``) or
    ``"v"`` (``v = α·ε - s·x0`` with ``α = 1/√(1+σ²)``, ``s = σ/√(1+σ²)``; ``σ_data = 1``);
@@ -53,6 +54,18 @@ buckets shuffled, cut into batches, batch order shuffled; all seeded by ``(seed,
 encoder (:func:`encode_folder`). :func:`save_latent_dataset` / :func:`load_latent_dataset` store encoded
 data as ``.safetensors`` (format documented there) for long runs.
 
+Data sets that do not fit in memory stream from a folder, a JSONL or tar shards with a latent cache
+(:class:`~.training.streaming.StreamingLatentData`).
+
+Several processes
+-----------------
+With a ``runner`` (:mod:`.training.distributed`, e.g. under ``accelerate launch``) the batches above are
+*global* micro-batches of ``batch_size × processes``; rank ``r`` takes the ``r``-th slice, its loss is
+weighted so that DDP's gradient average equals the mean over the whole global batch (a bucket's last,
+smaller batch included), and only the gate parameters are wrapped in DDP. So ``N`` processes × batch
+``b`` train what one process × batch ``N·b`` trains, up to float rounding; ε-greedy draws come from a
+generator per rank.
+
 Checkpoints and resume
 ----------------------
 With ``checkpoint_dir`` set, every ``checkpoint_every`` steps and at the end two files are written
@@ -67,7 +80,10 @@ With ``checkpoint_dir`` set, every ``checkpoint_every`` steps and at the end two
 Only the newest ``keep_checkpoints`` pairs are kept (older ones are deleted after a new one is complete).
 Resuming (:meth:`GateTrainer.resume`) restores all of it; since every random draw is seeded by
 ``(seed, step)``, a resumed run reproduces the uninterrupted one exactly (same device and dtype). A state
-file for another stack is refused, naming what differs.
+file for another stack, another global batch or another data set is refused, naming what differs. State
+files also hold the number of processes, the global batch, the data set's fingerprint and every rank's
+random generators (``rng.<rank>.torch`` / ``.cuda``, restored when resuming with as many processes);
+only rank 0 writes them, the others wait until they are complete.
 
 Failure: a non-finite loss or gradient stops training with :class:`GateTrainingError` before any update
 is applied; checkpoints already on disk are left as they are and the error names the last good one.
@@ -98,14 +114,15 @@ from safetensors.torch import save_file
 from .experts import ExpertStack, open_safetensors, require_safetensors
 from .gate_files import save_gate_file
 from .gating import Exploration, GateSet, MoEModules
+from .training.buckets import IMAGE_EXTENSIONS, RESIZE_MODES, Sizing, image_size
+from .training.buckets import aspect_buckets as aspect_buckets  # re-exported (its home is training.buckets)
+from .training.distributed import LocalRunner, ParameterHolder, rank_positions, rng_state, set_rng_state
 
 PREDICTION_TYPES = ("eps", "v")
 STATE_FORMAT = "mepg-gate-training-state"
 STATE_VERSION = "1"
 DATASET_FORMAT = "mepg-latent-dataset"
 DATASET_VERSION = "1"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-RESIZE_MODES = ("bucket", "center_crop")
 GATE_PARAM_NAMES = ("gate_weight", "gate_bias", "gate_sigma_weight")
 
 
@@ -286,20 +303,6 @@ class FolderItem:
     style: str | None
 
 
-def aspect_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """SDXL-style buckets ``(width, height)``: multiples of ``step`` with ``w·h ≤ resolution²`` (the
-    largest such ``h`` for each ``w``) and aspect ratio within ``1/max_aspect … max_aspect``."""
-    if resolution < step or resolution % step:
-        raise ValueError(f"resolution must be a positive multiple of {step}, got {resolution}")
-    area = resolution * resolution
-    buckets = set()
-    for width in range(step, 4 * resolution + 1, step):
-        height = (area // width) // step * step
-        if height >= step and max(width / height, height / width) <= max_aspect:
-            buckets.add((width, height))
-    return sorted(buckets, key=lambda wh: wh[0] / wh[1])
-
-
 class ImageCaptionFolder:
     """A folder of training images in the layout other trainers use.
 
@@ -308,12 +311,9 @@ class ImageCaptionFolder:
     not searched. A missing caption is an error naming the image unless ``allow_missing_captions``
     (then ``""``).
 
-    Sizing (images of mixed sizes are normal):
-
-    - ``"bucket"`` (default): each image goes to the :func:`aspect_buckets` bucket of ``resolution``
-      whose aspect ratio is nearest to its own (in log scale), is scaled (Lanczos) to just cover the
-      bucket and centre-cropped to it. Batches never mix buckets. Little is cropped, nothing distorted.
-    - ``"center_crop"``: every image is scaled to cover ``resolution × resolution`` and centre-cropped to it.
+    Sizing (images of mixed sizes are normal): ``"bucket"`` (SDXL aspect buckets, batches never mix them)
+    or ``"center_crop"``, see :class:`~.training.buckets.Sizing`. For data sets that do not fit in memory
+    (and tar shards or a JSONL of paths) see :mod:`.training.streaming`.
 
     Raises ValueError for a missing folder or one without images (naming the extensions looked for).
     """
@@ -327,14 +327,10 @@ class ImageCaptionFolder:
         bucket_step: int = 64,
     ):
         self.folder = os.fspath(folder)
-        if mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        self.sizing = Sizing(resolution, mode, bucket_step)
         if not os.path.isdir(self.folder):
             raise ValueError(f"{self.folder}: training data folder not found")
-        self.resolution = int(resolution)
-        self.mode = mode
-        self.bucket_step = int(bucket_step)
-        self.buckets = aspect_buckets(self.resolution, self.bucket_step)
+        self.resolution, self.mode, self.buckets = self.sizing.resolution, mode, self.sizing.buckets
         names = sorted(
             n
             for n in os.listdir(self.folder)
@@ -360,39 +356,22 @@ class ImageCaptionFolder:
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` an image of this size is trained at."""
-        if self.mode == "center_crop":
-            return (self.resolution, self.resolution)
-        aspect = math.log(width / height)
-        return min(self.buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect))
+        return self.sizing.target_size(width, height)
 
     def load(self, index: int) -> tuple[torch.Tensor, str, str | None]:
         """``(image [H, W, 3] float32 in [0, 1] (ComfyUI IMAGE layout, without the batch axis), caption,
         style)`` with the image sized as described above."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
         item = self.items[index]
         with Image.open(item.image_path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-        width, height = self.target_size(*image.size)
-        scale = max(width / image.size[0], height / image.size[1])
-        resized = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
-        image = image.resize(resized, Image.LANCZOS)
-        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
-        return pixels.float() / 255.0, item.caption, item.style
+            return self.sizing.pixels(opened), item.caption, item.style
 
     def sizes(self) -> dict[tuple[int, int], int]:
         """``{(width, height): image count}`` without decoding pixels."""
-        from PIL import Image
-
         counts: dict[tuple[int, int], int] = {}
         for item in self.items:
-            with Image.open(item.image_path) as image:
-                w, h = image.size
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by EXIF: width/height swap
-                    w, h = h, w
-            key = self.target_size(w, h)
+            key = self.target_size(*image_size(item.image_path))
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -562,6 +541,9 @@ class TrainingProgress:
     loss: float  # this step's mean diffusion loss
     learning_rate: float
     seconds: float  # since train() started
+    samples: int = 0  # samples in this step, over all processes
+    aux: float = 0.0  # this step's style loss
+    epoch: int = 0  # 0-based epoch of the step's last micro-batch
 
 
 @dataclass
@@ -608,6 +590,7 @@ class GateTrainer:
         sigmas: torch.Tensor | None = None,
         frozen: Iterable[torch.nn.Module] = (),
         device: torch.device | str | None = None,
+        runner: LocalRunner | None = None,
     ):
         self.modules = modules
         self.denoise_fn = denoise_fn
@@ -620,6 +603,7 @@ class GateTrainer:
         self.named_params = check_only_gates_trainable(modules, frozen)
         self.params = [p for _, p in self.named_params]
         self.device = torch.device(device) if device is not None else self.params[0].device
+        self.runner = runner or LocalRunner(self.device)
         groups: dict[float, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, param in self.named_params:
             groups.setdefault(self.lr_scale(param), []).append((name, param))
@@ -631,13 +615,16 @@ class GateTrainer:
             weight_decay=config.weight_decay,
         )
         self.step = 0  # optimiser steps done
-        self.micro_step = 0  # micro-batches done
+        self.micro_step = 0  # micro-batches done (the data position: the plan is a function of it)
         self.loss_history: list[float] = []
         self.aux_history: list[float] = []
         self.last_checkpoint: str | None = None
+        self.global_batch = config.batch_size * self.runner.world_size
         self._buckets = list(dataset.buckets().values())
-        self._batches_per_epoch = sum(math.ceil(len(b) / config.batch_size) for b in self._buckets)
+        self._batches_per_epoch = sum(math.ceil(len(b) / self.global_batch) for b in self._buckets)
         self._plan_cache: tuple[int, list[list[int]]] | None = None
+        # Only the gate parameters take part in DDP (broadcast at the start, gradients all-reduced).
+        self.runner.wrap(ParameterHolder(self.named_params))
         top_k = modules.runtime.options.effective_top_k(self.num_experts)
         if top_k == 1 and modules.runtime.options.normalise:
             raise ValueError(
@@ -669,18 +656,45 @@ class GateTrainer:
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         generator = torch.Generator().manual_seed(_seed_for(self.config.seed, "epoch", epoch))
+        size = self.global_batch
         batches = []
         for bucket in self._buckets:
             order = [bucket[int(i)] for i in torch.randperm(len(bucket), generator=generator)]
-            batches += [order[i : i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
+            batches += [order[i : i + size] for i in range(0, len(order), size)]
         plan = [batches[int(i)] for i in torch.randperm(len(batches), generator=generator)]
         self._plan_cache = (epoch, plan)
         return plan
 
     def batch_indices(self, micro_step: int) -> list[int]:
-        """The sample indices of micro-batch ``micro_step`` (a pure function of the seed and the step)."""
+        """The sample indices of global micro-batch ``micro_step``: a pure function of the seed, the step
+        and the global batch (``batch_size`` × processes), so any split over processes sees one order."""
         epoch, position = divmod(micro_step, self._batches_per_epoch)
         return self._epoch_plan(epoch)[position]
+
+    def rank_share(self, micro_step: int) -> tuple[list[int], list[int], int]:
+        """``(sample indices, their positions in the global micro-batch, its size)`` for this process:
+        rank ``r`` takes the ``r``-th contiguous slice (``batch_size`` samples; a bucket's last, smaller
+        batch is split as evenly as possible). A rank left with nothing recomputes the first sample with
+        position -1 (weight 0) so that every rank runs the same passes."""
+        ids = self.batch_indices(micro_step)
+        positions = rank_positions(len(ids), self.runner.rank, self.runner.world_size)
+        return [ids[max(p, 0)] for p in positions], positions, len(ids)
+
+    def _batch_stream(self) -> Iterator[dict]:
+        # This process's micro-batches from self.micro_step on; the data set may prefetch within an epoch
+        # and, at an epoch's end, bring its latent cache up to date across processes.
+        fetch = getattr(self.dataset, "batches", None) or (lambda requests: map(self.dataset.batch, requests))
+        micro = self.micro_step
+        while True:
+            epoch, position = divmod(micro, self._batches_per_epoch)
+            first = epoch * self._batches_per_epoch
+            yield from fetch([self.rank_share(first + p)[0] for p in range(position, self._batches_per_epoch)])
+            if hasattr(self.dataset, "end_epoch"):
+                self.dataset.end_epoch(self.runner)
+            micro = first + self._batches_per_epoch
+
+    def _labelled_count(self, ids: Sequence[int]) -> int:
+        return sum(1 for i in ids if self.dataset.styles[i] in self._style_priors) if self._style_priors else 0
 
     def _resolve_style_priors(self) -> dict[str, torch.Tensor]:
         labels = {s for s in self.dataset.styles if s}
@@ -696,23 +710,32 @@ class GateTrainer:
         return priors
 
     # -- one optimiser step
-    def _micro_loss(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None, Exploration | None]:
-        batch = self.dataset.batch(self.batch_indices(micro_step))
-        generator = torch.Generator().manual_seed(_seed_for(self.config.seed, "sample", micro_step))
+    def _micro_loss(self, micro_step: int, batch: dict, positions: list[int], count: int,
+                    labelled: int) -> torch.Tensor:
+        """This process's weighted objective for micro-batch ``micro_step``: ``Σ_i w_i·mse_i`` with
+        ``w_i = processes / count`` (0 for padding), so that DDP's average over processes is the mean over
+        the whole global micro-batch; the style term likewise over its ``labelled`` samples. Noise and
+        timestep of each sample are drawn from a generator seeded by ``(seed, micro-step, position)``.
+        Leaves the detached sums of the real samples' losses in ``self._sums``."""
         x0 = batch["x0"]
         if batch["noise"] is not None:
             noise, sigma = batch["noise"], batch["sigma"].float()
         else:
-            noise = torch.randn(x0.shape, generator=generator)
-            timesteps = torch.randint(0, self.schedule.numel(), (x0.shape[0],), generator=generator)
-            sigma = self.schedule[timesteps]
+            noise, timesteps = torch.empty_like(x0), []
+            for row, position in enumerate(positions):
+                generator = torch.Generator().manual_seed(_seed_for(self.config.seed, "sample", micro_step,
+                                                                    max(position, 0)))
+                noise[row] = torch.randn(x0.shape[1:], generator=generator)
+                timesteps.append(int(torch.randint(0, self.schedule.numel(), (1,), generator=generator)))
+            sigma = self.schedule[torch.tensor(timesteps)]
         target = prediction_target(x0, noise, sigma, self.config.prediction_type)
         x_noisy = noisy_latent(x0, noise, sigma)
         exploration = None
-        if self.exploring:
-            exploration = Exploration(
-                self.config.epsilon, torch.Generator().manual_seed(_seed_for(self.config.seed, "explore", micro_step))
-            )
+        if self.exploring:  # per-rank draws: each process explores its own tokens independently
+            seed = _seed_for(self.config.seed, "explore", micro_step, self.runner.rank)
+            exploration = Exploration(self.config.epsilon, torch.Generator().manual_seed(seed))
+        real = torch.tensor([p >= 0 for p in positions])
+        weights = real.double() * (self.runner.world_size / count)
         style_rows = self._style_rows(batch["styles"])
         aux_terms: list[torch.Tensor] = []
 
@@ -721,7 +744,7 @@ class GateTrainer:
                 return  # a call with another batch layout (not ours)
             rows, allowed = style_rows
             chosen = (weights[rows] * allowed[rows][:, None, :].to(weights)).sum(-1)
-            aux_terms.append(-torch.log(chosen.clamp_min(1e-6)).mean())
+            aux_terms.append(-torch.log(chosen.clamp_min(1e-6)).flatten(1).mean(1))  # [labelled rows]
 
         with contextlib.ExitStack() as scope:
             scope.enter_context(self.modules.runtime.exploring(exploration))
@@ -730,9 +753,19 @@ class GateTrainer:
             prediction = self.denoise_fn(x_noisy.to(self.device), sigma.to(self.device), batch["conds"])
         if tuple(prediction.shape) != tuple(x0.shape):
             raise GateTrainingError(f"denoise_fn returned {tuple(prediction.shape)} for input {tuple(x0.shape)}")
-        loss = torch.mean((prediction.float() - target.to(prediction.device)) ** 2)
-        aux = torch.stack(aux_terms).mean() if aux_terms else None
-        return loss, aux, exploration
+        per_sample = ((prediction.float() - target.to(prediction.device)) ** 2).flatten(1).mean(1)
+        objective = (per_sample * weights.to(per_sample)).sum()
+        loss_sum = per_sample.detach().double().cpu()[real].sum()
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        if aux_terms and labelled:
+            rows = style_rows[0].cpu()
+            aux = torch.stack(aux_terms).mean(0)  # per labelled row, over the site calls
+            kept = real[rows].to(aux.device)
+            objective = objective + self.config.style_loss_weight * (aux * kept).sum() * (
+                self.runner.world_size / labelled)
+            aux_sum = aux.detach().double().cpu()[kept.cpu()].sum()
+        self._sums = (loss_sum, aux_sum, exploration)
+        return objective
 
     def _style_rows(self, styles: list[str | None]):
         if not self._style_priors:
@@ -764,61 +797,78 @@ class GateTrainer:
         progress: Callable[[TrainingProgress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> TrainingResult:
-        """Run until ``config.steps`` optimiser steps are done (continuing a resumed run)."""
-        config = self.config
+        """Run until ``config.steps`` optimiser steps are done (continuing a resumed run). In a distributed
+        run every process calls this; they stop together when ``should_stop`` says so on any of them."""
+        config, runner = self.config, self.runner
         started = time.perf_counter()
         written: list[str] = []
-        explored = tokens = 0
+        explored = torch.zeros(2, dtype=torch.float64)  # tokens redrawn, tokens seen (this process)
         stopped = False
-        with torch.inference_mode(False), torch.enable_grad():
-            while self.step < config.steps:
-                if should_stop is not None and should_stop():
-                    stopped = True
-                    break
-                lr = learning_rate_at(self.step, config.steps, config.learning_rate, config.warmup_steps,
-                                      config.min_lr_ratio)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                self.optimizer.zero_grad(set_to_none=True)
-                losses, auxes = [], []
-                first_micro_step = self.micro_step
-                for _ in range(config.grad_accumulation):
-                    loss, aux, exploration = self._micro_loss(self.micro_step)
-                    if not torch.isfinite(loss):
+        stream = self._batch_stream()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                while self.step < config.steps:
+                    if should_stop is not None:
+                        wanted = torch.tensor([1.0 if should_stop() else 0.0], dtype=torch.float64)
+                        if float(runner.all_sum(wanted)[0]) > 0:
+                            stopped = True
+                            break
+                    lr = learning_rate_at(self.step, config.steps, config.learning_rate, config.warmup_steps,
+                                          config.min_lr_ratio)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    self.optimizer.zero_grad(set_to_none=True)
+                    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, samples, style-loss sum, labelled
+                    first_micro_step = self.micro_step
+                    for index in range(config.grad_accumulation):
+                        micro = self.micro_step
+                        _ids, positions, count = self.rank_share(micro)
+                        labelled = self._labelled_count(self.batch_indices(micro))
+                        batch = next(stream)
+                        with runner.sync(index == config.grad_accumulation - 1):
+                            objective = runner.forward(lambda b=batch, p=positions, c=count, n=labelled, m=micro:
+                                                       self._micro_loss(m, b, p, c, n))
+                            (objective / config.grad_accumulation).backward()
+                        loss_sum, aux_sum, exploration = self._sums
+                        main = runner.rank == 0  # the global counts enter once
+                        sums += torch.tensor([float(loss_sum), count if main else 0, float(aux_sum),
+                                              labelled if main else 0], dtype=torch.float64)
+                        if exploration is not None:
+                            explored += torch.tensor([exploration.explored, exploration.tokens], dtype=torch.float64)
+                        self.micro_step += 1
+                    grads = [p.grad for p in self.params if p.grad is not None]
+                    if not grads:
+                        raise GateTrainingError(
+                            "no gradient reached the gates: denoise_fn does not run these MoE modules (is the model "
+                            "patched with them, and are the gates token-dependent 'linear' gates?)"
+                        )
+                    sums = runner.all_sum(sums)  # the global micro-batches' sums (counts were split evenly)
+                    loss = float(sums[0] / sums[1])
+                    if not math.isfinite(loss):
                         self.micro_step = first_micro_step
-                        raise self._fail(f"the loss is {float(loss.detach())}")
-                    total = loss if aux is None else loss + config.style_loss_weight * aux
-                    (total / config.grad_accumulation).backward()
-                    losses.append(float(loss.detach()))
-                    auxes.append(0.0 if aux is None else float(aux.detach()))
-                    if exploration is not None:
-                        explored += exploration.explored
-                        tokens += exploration.tokens
-                    self.micro_step += 1
-                grads = [p.grad for p in self.params if p.grad is not None]
-                if not grads:
-                    raise GateTrainingError(
-                        "no gradient reached the gates: denoise_fn does not run these MoE modules (is the model "
-                        "patched with them, and are the gates token-dependent 'linear' gates?)"
-                    )
-                if not all(bool(torch.isfinite(g).all()) for g in grads):
-                    self.micro_step = first_micro_step
-                    raise self._fail("a gate gradient is not finite")
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
-                self.optimizer.step()
-                self.step += 1
-                self.loss_history.append(sum(losses) / len(losses))
-                self.aux_history.append(sum(auxes) / len(auxes))
-                if progress is not None:
-                    progress(TrainingProgress(self.step, config.steps, self.loss_history[-1], lr,
-                                              time.perf_counter() - started))
-                if config.checkpoint_dir and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        raise self._fail(f"the loss is {loss}")
+                    if not all(bool(torch.isfinite(g).all()) for g in grads):  # all-reduced: alike on every rank
+                        self.micro_step = first_micro_step
+                        raise self._fail("a gate gradient is not finite")
+                    if config.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.step += 1
+                    self.loss_history.append(loss)
+                    self.aux_history.append(float(sums[2] / sums[3]) if float(sums[3]) else 0.0)
+                    if progress is not None:
+                        progress(TrainingProgress(self.step, config.steps, loss, lr, time.perf_counter() - started,
+                                                  samples=round(float(sums[1])), aux=self.aux_history[-1],
+                                                  epoch=(self.micro_step - 1) // self._batches_per_epoch))
+                    if config.checkpoint_dir and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        written.append(self.save_checkpoint())
+                saved_now = bool(written) and os.path.basename(written[-1]) == _checkpoint_names(self.step)[1]
+                if config.checkpoint_dir and not saved_now and self.step > 0:
                     written.append(self.save_checkpoint())
-            saved_now = bool(written) and os.path.basename(written[-1]) == _checkpoint_names(self.step)[1]
-            if config.checkpoint_dir and not saved_now and self.step > 0:
-                written.append(self.save_checkpoint())
+        finally:
+            stream.close()
         self.optimizer.zero_grad(set_to_none=True)
+        explored = runner.all_sum(explored)
         return TrainingResult(
             gates=self.modules.gate_set(),
             loss_history=list(self.loss_history),
@@ -827,7 +877,7 @@ class GateTrainer:
             seconds=time.perf_counter() - started,
             stopped=stopped,
             checkpoints=written,
-            explored_fraction=(explored / tokens) if tokens else None,
+            explored_fraction=float(explored[0] / explored[1]) if float(explored[1]) else None,
         )
 
     # -- checkpoints
@@ -857,9 +907,19 @@ class GateTrainer:
             raise ValueError("no checkpoint directory (GateTrainingConfig.checkpoint_dir)")
         if self.stack is None:
             raise ValueError("checkpoints name the expert stack: pass GateTrainer(stack=...)")
-        os.makedirs(directory, exist_ok=True)
         gate_name, state_name = _checkpoint_names(self.step)
         gate_path, state_path = os.path.join(directory, gate_name), os.path.join(directory, state_name)
+        if hasattr(self.dataset, "checkpoint"):
+            self.dataset.checkpoint()  # e.g. write out the latent cache encoded so far
+        rng = self.runner.gather_objects(rng_state())  # every process's generators, rank order
+        if self.runner.is_main:
+            self._write_checkpoint(directory, gate_path, state_path, rng)
+        self.runner.barrier()  # the files are complete before any process goes on (or resumes from them)
+        self.last_checkpoint = state_path
+        return state_path
+
+    def _write_checkpoint(self, directory: str, gate_path: str, state_path: str, rng: list) -> None:
+        os.makedirs(directory, exist_ok=True)
         extra = {"step": str(self.step), "loss": repr(self.loss_history[-1]) if self.loss_history else "nan"}
         partial = gate_path[: -len(".safetensors")] + ".partial.safetensors"
         save_gate_file(partial, self.modules.gate_set(), self.stack, self.modules.runtime.options, extra)
@@ -874,11 +934,16 @@ class GateTrainer:
             "mepg.config": self.config.to_json(),
             "mepg.identity": json.dumps(self._identity()),
             "mepg.gate_options": json.dumps(self.modules.runtime.options.to_dict()),
+            "mepg.world_size": str(self.runner.world_size),
+            "mepg.global_batch": str(self.global_batch),
+            "mepg.data": getattr(self.dataset, "fingerprint", ""),
+            "mepg.rng_python": json.dumps([python for _, python in rng]),
         }
-        _atomic_save(self.state_tensors(), state_path, metadata)
-        self.last_checkpoint = state_path
+        tensors = self.state_tensors()
+        for rank, (generators, _) in enumerate(rng):
+            tensors.update({f"rng.{rank}.{kind}": state for kind, state in generators.items()})
+        _atomic_save(tensors, state_path, metadata)
         self._prune(directory)
-        return state_path
 
     def _prune(self, directory: str) -> None:
         steps = sorted(checkpoint_steps(directory))
@@ -907,8 +972,22 @@ class GateTrainer:
             raise ValueError(f"{path}: this checkpoint belongs to another expert stack: {mismatch}")
         if info["step"] > self.config.steps:
             raise ValueError(f"{path}: the checkpoint is at step {info['step']}, beyond steps={self.config.steps}")
+        saved_batch = info["global_batch"] or int(info["config"].get("batch_size", self.config.batch_size))
+        if saved_batch != self.global_batch:
+            raise ValueError(
+                f"{path}: the run had a global batch of {saved_batch} (batch size × processes), this one has "
+                f"{self.global_batch} ({self.config.batch_size} × {self.runner.world_size}); the data order "
+                "depends on it: resume with the same product"
+            )
+        fingerprint = getattr(self.dataset, "fingerprint", "")
+        if info["data"] and fingerprint and info["data"] != fingerprint:
+            raise ValueError(f"{path}: the checkpoint was trained on another data set (or another sizing of it)")
         with open_safetensors(path, "gate-training state file") as handle:
             keys = set(handle.keys())
+            rank = self.runner.rank
+            if info["world_size"] == self.runner.world_size and f"rng.{rank}.torch" in keys:
+                set_rng_state({kind: handle.get_tensor(f"rng.{rank}.{kind}") for kind in ("torch", "cuda")
+                               if f"rng.{rank}.{kind}" in keys}, info["rng_python"][rank])
             for name, param in self.named_params:
                 key = f"param.{name}"
                 if key not in keys:
@@ -1003,7 +1082,8 @@ def checkpoint_steps(directory: str) -> list[int]:
 
 def read_training_state(path: str | os.PathLike) -> dict:
     """Metadata of a state file: ``step``, ``micro_step``, ``loss_history``, ``aux_history``, ``config``,
-    ``identity``, ``gate_options``. Raises ValueError for other files."""
+    ``identity``, ``gate_options``, ``world_size``, ``global_batch`` (0: not recorded), ``data`` (the data
+    set's fingerprint, "" when none), ``rng_python`` (per rank). Raises ValueError for other files."""
     path = require_safetensors(path, "gate-training state file")
     with open_safetensors(path, "gate-training state file") as handle:
         metadata = handle.metadata() or {}
@@ -1020,6 +1100,10 @@ def read_training_state(path: str | os.PathLike) -> dict:
         "config": json.loads(metadata.get("mepg.config", "{}")),
         "identity": json.loads(metadata.get("mepg.identity", "{}")),
         "gate_options": json.loads(metadata.get("mepg.gate_options", "{}")),
+        "world_size": int(metadata.get("mepg.world_size", "1")),
+        "global_batch": int(metadata.get("mepg.global_batch", "0")),
+        "data": metadata.get("mepg.data", ""),
+        "rng_python": json.loads(metadata.get("mepg.rng_python", "[]")),
     }
 
 

@@ -213,6 +213,8 @@ def train_moe_gates(
     resume: str | None = None,
     model_space: bool = False,
     should_stop=None,
+    runner=None,
+    data_factory=None,
 ) -> tuple[object, TrainingResult]:
     """Train gates on a MoE-patched ``model``; returns ``(trained clone, result)``.
 
@@ -223,6 +225,10 @@ def train_moe_gates(
     ``resume``: a state file or checkpoint directory of an earlier run (``config.checkpoint_dir``).
     ``model_space``: the latents are already scaled for the model (``process_latent_in`` applied).
     ``progress`` / ``should_stop``: passed to :meth:`~mepg_core.gate_training.GateTrainer.train`.
+    ``runner``: this process of a distributed run (:mod:`mepg_core.training.distributed`; default: one
+    process). ``data_factory(denoiser, base_model) -> data set``: builds the data instead of ``latents`` /
+    ``conditionings`` (e.g. a :class:`~mepg_core.training.streaming.StreamingLatentData` that turns its
+    cached encodings into model conditioning with ``denoiser.prepare``).
     """
     attachment = moe_attachment(model, "MEPG Train MoE Gate")
     stack = attachment.stack
@@ -239,13 +245,17 @@ def train_moe_gates(
         trainer_model.pre_run()
         try:
             denoiser = ComfyDenoiser(trainer_model, config.prediction_type)
-            scaled = [latent.detach().float().clone() if model_space else
-                      base.process_latent_in(latent.detach()[None].float())[0] for latent in latents]
-            conds = [denoiser.prepare(c, x, config.seed) for c, x in zip(conditionings, scaled)]
-            dataset = LatentDataset(scaled, conds, styles=styles, noise=fixed_noise, sigmas=fixed_sigmas)
+            if data_factory is not None:
+                dataset = data_factory(denoiser, base)
+            else:
+                scaled = [latent.detach().float().clone() if model_space else
+                          base.process_latent_in(latent.detach()[None].float())[0] for latent in latents]
+                conds = [denoiser.prepare(c, x, config.seed) for c, x in zip(conditionings, scaled)]
+                dataset = LatentDataset(scaled, conds, styles=styles, noise=fixed_noise, sigmas=fixed_sigmas)
             sampling = trainer_model.get_model_object("model_sampling")
             trainer = GateTrainer(modules, denoiser, dataset, config, stack=stack,
-                                  sigmas=sampling.sigmas.detach().float().cpu(), frozen=[base.diffusion_model])
+                                  sigmas=sampling.sigmas.detach().float().cpu(), frozen=[base.diffusion_model],
+                                  runner=runner)
             if resume:
                 trainer.resume(resume)
             result = trainer.train(progress=progress, should_stop=should_stop)
@@ -255,7 +265,7 @@ def train_moe_gates(
     trained.set_attachments(TRAINING_INFO, {
         "steps": result.steps, "loss_first": result.loss_history[0] if result.loss_history else None,
         "loss_last": result.loss_history[-1] if result.loss_history else None,
-        "learning_rate": config.learning_rate, "epsilon": config.epsilon, "samples": len(latents),
+        "learning_rate": config.learning_rate, "epsilon": config.epsilon, "samples": len(dataset),
     })
     return trained, result
 

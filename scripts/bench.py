@@ -487,8 +487,82 @@ def bench_cross_denoise_sdxl(steps: int, size: int | None, repeats: int = 1) -> 
     }
 
 
+def train_gates_command(processes: int, args: list[str]) -> list[str]:
+    script = str(ROOT / "scripts" / "train_gates.py")
+    if processes == 1:
+        return [sys.executable, script, *args]
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), script, *args]
+
+
+def bench_gate_training_distributed(steps: int, size: int, repeats: int = 1) -> dict:
+    """scripts/train_gates.py on the tiny SDXL fixtures (real ComfyUI UNet and VAE), 1 process × batch 4 and
+    2 processes × batch 2 (torchrun, gloo) over the same cached data: samples/s of each, from the JSONL
+    log (steps after the first two), and how far the two runs' gates end apart."""
+    import os
+    import subprocess
+    import tempfile
+
+    from mepg_testing import EXPERTS, EXTRAS_DIR, FIXTURE_DIR
+    from mepg_training_testing import write_image_folder
+    from safetensors import safe_open
+
+    fixtures = {n: FIXTURE_DIR / f"tiny_sdxl_{n}.safetensors" for n in ("base", *EXPERTS[:2])}
+    if not all(p.exists() for p in fixtures.values()):
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_tiny_models.py"), "--out", str(FIXTURE_DIR),
+                        "--experts", *EXPERTS, "--extras", str(EXTRAS_DIR)], check=True, cwd=ROOT)
+    steps = max(steps, 6)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # one thread per process: 1 → 2 processes is 1 → 2 cores
+    with tempfile.TemporaryDirectory(prefix="mepg-bench-dist-") as tmp:
+        tmp = Path(tmp)
+        images = write_image_folder(tmp / "images", 16, sizes=((256, 256),))
+        common = ["--base", str(fixtures["base"]), "--experts", str(fixtures["photo"]), str(fixtures["anime"]),
+                  "--data-source", str(images), "--resolution", "256", "--cache-dir", str(tmp / "cache"),
+                  "--warmup", "1", "--with-tiny-models", "--cpu", "--checkpoint-every", "0", "--log-every", "1000"]
+        # Fill the latent cache first, so the timed runs measure training, not the first epoch's encoding.
+        subprocess.run(train_gates_command(1, [*common, "--steps", "4", "--batch-size", "4", "--out-dir",
+                                               str(tmp / "warm")]), check=True, cwd=ROOT, env=env,
+                       capture_output=True)
+        runs = {}
+        for processes, batch in ((1, 4), (2, 2)):
+            out = tmp / f"run{processes}"
+            started = time.perf_counter()
+            done = subprocess.run(train_gates_command(processes, [*common, "--steps", str(steps), "--batch-size",
+                                                                  str(batch), "--out-dir", str(out)]),
+                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(done.stderr[-4000:])
+            wall = time.perf_counter() - started
+            log = [json.loads(line) for line in (out / "train-log.jsonl").read_text().splitlines()]
+            timed_steps = log[2:]
+            seconds = timed_steps[-1]["elapsed_s"] - log[1]["elapsed_s"]
+            with safe_open(str(out / f"gates-step{steps:07d}.safetensors"), framework="pt") as handle:
+                gates = {k: handle.get_tensor(k) for k in handle.keys()}
+            runs[processes] = {"samples_per_s": sum(r["samples"] for r in timed_steps) / seconds,
+                               "wall_s": round(wall, 1), "loss_last": log[-1]["loss"], "gates": gates,
+                               "encoded_rank0": log[-1].get("encoded_rank0")}
+    one, two = runs[1], runs[2]
+    worst = max(float((one["gates"][k] - two["gates"][k]).abs().max()) for k in one["gates"])
+    for run in runs.values():
+        run.pop("gates")
+    return {
+        "model": "tiny SDXL-architecture fixtures (random weights), 3 experts, 256 px, float32, CPU, gloo",
+        "steps": steps, "global_batch": 4, "one_process": one, "two_processes": two,
+        "speedup_1_to_2_processes": round(two["samples_per_s"] / one["samples_per_s"], 3),
+        "max_abs_gate_difference_1x4_vs_2x2": worst,
+        "note": "one intra-op thread per process; on a shared 2-core machine the figure depends on its load",
+    }
+
+
 BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl, "moe": bench_moe,
-           "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training}
+           "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training,
+           "gate_training_distributed": bench_gate_training_distributed}
 
 
 def main() -> int:

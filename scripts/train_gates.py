@@ -1,30 +1,44 @@
-"""Train MEPG gates (stage 2) from the command line — for long runs on a GPU.
+"""Train MEPG gates (stage 2) from the command line — for long runs on one GPU or many.
 
     .venv/bin/python scripts/train_gates.py --base sd_xl_base_1.0.safetensors \\
         --experts realvis.safetensors animagine.safetensors --out-dir runs/gates \\
-        (--data-folder images/ [--resolution 1024 --resize bucket] | --data encoded.safetensors) \\
+        (--data-source images/ | --data-source data.jsonl | --data-source 'shards/{00000..00099}.tar' \\
+         | --data encoded.safetensors) [--resolution 1024 --resize bucket] \\
         [--steps 2000 --lr 1e-2 --batch-size 4 --grad-accumulation 2 --top-k 2 --epsilon 0.05 --resume]
+
+    accelerate launch --num_processes 8 scripts/train_gates.py ...      (the same arguments; or torchrun)
 
 What it does: loads the base checkpoint with ComfyUI (this checkout's, in-process, like the tests), stacks
 the experts exactly as the ``Gated MoE Patch (MEPG)`` node does (the base's own weights are expert 0 unless
-``--no-include-base``), encodes the data with the base's VAE and text encoders (or reads an encoded data
-set), and runs :class:`mepg_core.gate_training.GateTrainer` through the same glue as the
+``--no-include-base``) and runs :class:`mepg_core.gate_training.GateTrainer` through the same glue as the
 ``Train MoE Gate (MEPG)`` node. Checkpoints go to ``--out-dir`` (``gates-step<N>.safetensors`` for
 ComfyUI's ``models/mepg_gates``, ``state-step<N>.safetensors`` to resume); ``--resume`` continues from the
-newest one; Ctrl-C stops after the current step and writes a checkpoint. ``--export`` copies the final
-gates to a path of your choice (e.g. ``ComfyUI/models/mepg_gates/my_gates.safetensors``).
+newest one exactly (gates, optimiser, step, data position, random state); Ctrl-C stops after the current
+step and writes a checkpoint. ``--export`` copies the final gates to a path of your choice (e.g.
+``ComfyUI/models/mepg_gates/my_gates.safetensors``). The log of every step goes to
+``--out-dir/train-log.jsonl`` (``--report-to tensorboard|wandb`` adds those when installed).
 
-Data: ``--data-folder``: images (``.png .jpg .jpeg .webp .bmp``) with a same-named ``.txt`` caption and an
-optional ``.style`` label; images of mixed sizes go to SDXL aspect buckets of ``--resolution`` (or are
-centre-cropped to a square, ``--resize center_crop``). ``--save-data FILE`` stores the encoded set (format:
-``mepg_core.gate_training.save_latent_dataset``) so later runs can skip encoding with ``--data FILE``.
+Data (``--data-source``, streamed, never all in memory; see ``mepg_core.training.streaming``): a folder of
+images (``.png .jpg .jpeg .webp .bmp``) with same-named ``.txt`` captions and optional ``.style`` labels; a
+``.jsonl`` of ``{"image": path, "caption": text, "style": label}``; or WebDataset-style ``.tar`` shards.
+Images of mixed sizes go to SDXL aspect buckets of ``--resolution`` (or ``--resize center_crop``). The
+first epoch encodes each sample with the base's VAE and text encoders and caches the result in
+``--cache-dir`` (sharded ``.safetensors``); later epochs and later runs read the cache instead.
+``--data FILE`` reads an encoded set made by ``mepg_core.gate_training.save_latent_dataset`` (held in memory).
 
-Runs on the GPU when there is one (``--cpu`` forces the CPU). Only ``.safetensors`` files are read.
+Distributed (``accelerate launch`` / ``torchrun``): every process loads the frozen base and experts once on
+its own GPU; only the gate parameters are wrapped in DDP; each process trains on its slice of every global
+batch (``--batch-size`` per process); rank 0 writes checkpoints and logs. ``--out-dir`` and ``--cache-dir``
+must be on storage every process sees.
+
+Runs on the GPU when there is one (``--cpu`` forces the CPU, with the gloo backend when distributed). Only
+``.safetensors`` files are read.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import shutil
@@ -45,12 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--names", nargs="*", default=None, help="expert names (default: file names)")
     ap.add_argument("--no-include-base", action="store_true", help="do not use the base's weights as expert 0")
     data = ap.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-folder", help="images with .txt captions (and optional .style labels)")
-    data.add_argument("--data", help="an encoded data set (.safetensors, see --save-data)")
+    data.add_argument("--data-source", help="streamed data: an image folder, a .jsonl of image paths, or .tar "
+                                            "shards (a file, a folder of them, a glob or a {000..099} range)")
+    data.add_argument("--data-folder", help="an image folder with .txt captions (same as --data-source FOLDER)")
+    data.add_argument("--data", help="an encoded data set (.safetensors, see save_latent_dataset; held in memory)")
     ap.add_argument("--resolution", type=int, default=1024, help="bucket resolution in pixels (default 1024)")
     ap.add_argument("--resize", choices=("bucket", "center_crop"), default="bucket")
     ap.add_argument("--allow-missing-captions", action="store_true")
-    ap.add_argument("--save-data", help="write the encoded data set here (.safetensors)")
+    ap.add_argument("--cache-dir", help="latent cache of the streamed data (default: OUT_DIR/latent-cache)")
+    ap.add_argument("--cache-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    ap.add_argument("--cache-shard-mb", type=float, default=256.0, help="size of one cache shard file")
+    ap.add_argument("--workers", type=int, default=2, help="data reading threads per process")
+    ap.add_argument("--prefetch", type=int, default=4, help="micro-batches read ahead per process")
+    ap.add_argument("--save-data", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", required=True, help="checkpoint directory")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (biases; weights get lr/fan_in)")
@@ -71,7 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     ap.add_argument("--export", help="also write the final gates to this .safetensors path")
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--log-every", type=int, default=10, help="log line every N steps (without a terminal)")
+    ap.add_argument("--report-to", nargs="*", default=[], choices=("tensorboard", "wandb"),
+                    help="also log to TensorBoard (OUT_DIR/tensorboard) and/or Weights & Biases, if installed")
+    ap.add_argument("--wandb-project", default="mepg-gates")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is there")
     ap.add_argument("--base-dir", default=str(ROOT / ".host" / "train-base"), help="ComfyUI base directory to use")
     ap.add_argument("--with-tiny-models", action="store_true", help="register the tiny test model family (tests)")
@@ -80,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.save_data:
+        raise SystemExit("--save-data is gone: streamed data are cached (encoded once) in --cache-dir, and later runs "
+                         "with the same --cache-dir skip encoding")
     for path in [a.base, *a.experts] + ([a.data] if a.data else []) + ([a.init_gates] if a.init_gates else []):
         if not path.lower().endswith(".safetensors"):
             raise SystemExit(f"{path}: only .safetensors files are read")
@@ -88,16 +115,19 @@ def main(argv=None) -> int:
     if a.names is not None and len(a.names) != len(a.experts):
         raise SystemExit(f"--names gives {len(a.names)} names for {len(a.experts)} experts")
 
+    from mepg_core.training.distributed import main_first, make_runner
+
+    runner = make_runner(cpu=a.cpu)  # before ComfyUI: on GPUs it makes cuda:LOCAL_RANK this rank's device
     import comfy_env
 
-    comfy_env.activate(Path(a.base_dir))
-    import torch
-    from comfy.cli_args import args as comfy_args
+    with main_first(runner):  # rank 0 lays out the ComfyUI base directory, the others then find it ready
+        comfy_env.activate(Path(a.base_dir))
+        from comfy.cli_args import args as comfy_args
 
-    comfy_args.cpu = a.cpu or not torch.cuda.is_available()
-    import inprocess
+        comfy_args.cpu = runner.device.type == "cpu"
+        import inprocess
 
-    inprocess.load_pack(Path(a.base_dir), with_tiny_models=a.with_tiny_models)
+        inprocess.load_pack(Path(a.base_dir), with_tiny_models=a.with_tiny_models)
     import comfy.sd
     import folder_paths
 
@@ -105,12 +135,16 @@ def main(argv=None) -> int:
     expert_nodes = inprocess.pack_module("nodes.expert_nodes")
     core = inprocess.pack_module("mepg_core.gate_training")
     gate_files = inprocess.pack_module("mepg_core.gate_files")
+    streaming = inprocess.pack_module("mepg_core.training.streaming")
+    buckets = inprocess.pack_module("mepg_core.training.buckets")
+    logs = inprocess.pack_module("mepg_core.training.logs")
     log = logging.getLogger("train_gates")  # its own handler: ComfyUI configured the root logger for warnings
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if runner.is_main else logging.WARNING)
     log.propagate = False
+    log.info("%s", runner.describe())
 
     log.info("loading %s", a.base)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(
@@ -127,43 +161,6 @@ def main(argv=None) -> int:
     stack = patched.get_attachment(expert_nodes.ATTACHMENT).stack
     log.info("expert stack:\n%s", stack.describe())
 
-    styles = None
-    model_space = False
-    if a.data_folder:
-        folder = core.ImageCaptionFolder(a.data_folder, a.resolution, a.resize, a.allow_missing_captions)
-        log.info("%s: %d images; buckets %s", a.data_folder, len(folder), folder.sizes())
-
-        def encode_image(image):
-            with torch.no_grad():
-                return vae.encode(image)
-
-        def encode_text(caption):
-            with torch.no_grad():
-                return clip.encode_from_tokens_scheduled(clip.tokenize(caption))
-
-        def encoded(done, total):
-            if done % 50 == 0 or done == total:
-                log.info("encoded %d/%d", done, total)
-
-        dataset = core.encode_folder(folder, encode_image, encode_text, encoded)
-        latents, conditionings, styles = dataset.latents, [[c[0]] for c in dataset.conds], dataset.styles
-        if a.save_data:
-            core.save_latent_dataset(a.save_data, latents, [c[0][0][0] for c in conditionings],
-                                     [c[0][1]["pooled_output"][0] for c in conditionings],
-                                     captions=dataset.captions, styles=styles, latent_space="raw")
-            log.info("wrote %s", a.save_data)
-    else:
-        dataset, space = core.load_latent_dataset(a.data)
-        latents, styles, model_space = dataset.latents, dataset.styles, space == "model"
-        conditionings = []
-        for cond in dataset.conds:
-            extra = {} if cond["pooled"] is None else {"pooled_output": cond["pooled"][None]}
-            conditionings.append([[cond["context"][None], extra]])
-        if dataset.noise is not None:
-            log.info("note: the data set's fixed noise/sigma pairs are used as they are")
-    log.info("%d training samples in %d size buckets", len(latents),
-             len({tuple(x.shape) for x in latents}))
-
     gates = None
     if a.init_gates:
         gates = gate_files.load_gate_file(a.init_gates, stack).gates
@@ -172,6 +169,57 @@ def main(argv=None) -> int:
         warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, epsilon=a.epsilon,
         prediction_type=gt.prediction_type_of(patched), seed=a.seed, style_loss_weight=a.style_loss_weight,
         checkpoint_dir=a.out_dir, checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep)
+
+    latents, conditionings, styles, fixed_noise, fixed_sigmas, model_space, data_factory = [], [], None, None, None, \
+        False, None
+    source_spec = a.data_source or a.data_folder
+    streamed: list = []  # the streamed data set, once built (its encoder counts go to the log)
+    if source_spec:
+        try:
+            source = streaming.open_source(source_spec, a.allow_missing_captions, workers=max(1, a.workers))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        sizing = buckets.Sizing(a.resolution, a.resize)
+        cache_dir = a.cache_dir or os.path.join(a.out_dir, "latent-cache")
+        log.info("%s: %d samples (%s); latent cache %s", source_spec, len(source), source.kind, cache_dir)
+
+        def encode_image(pixels):
+            return vae.encode(pixels)
+
+        def encode_text(caption):
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+            return cond[0][0][0], cond[0][1].get("pooled_output", [None])[0]
+
+        def scanned(done, total):
+            log.info("reading image sizes: %d/%d (this process)", done, total)
+
+        def data_factory(denoiser, base):
+            def make_cond(context, pooled, latent):
+                extra = {} if pooled is None else {"pooled_output": pooled[None]}
+                return denoiser.prepare([[context[None], extra]], latent, config.seed)
+
+            data = streaming.StreamingLatentData(
+                source, sizing, cache_dir, encode_image, encode_text, latent_in=base.process_latent_in,
+                make_cond=make_cond, runner=runner, encoder=f"{os.path.basename(a.base)}:{os.path.getsize(a.base)}:"
+                f"{stack.experts[0].content_hash if not a.no_include_base else ''}", cache_dtype=a.cache_dtype,
+                shard_mb=a.cache_shard_mb, workers=a.workers, prefetch=a.prefetch, progress=scanned)
+            sizes = collections.Counter(data.manifest.sizes[int(b)] for b in data.manifest.bucket_of)
+            log.info("%d samples in %d size buckets %s; %d still to encode (cached: %d)", len(data), len(sizes),
+                     dict(sizes), data.cache.missing(), len(data) - data.cache.missing())
+            streamed.append(data)
+            return data
+    else:
+        dataset, space = core.load_latent_dataset(a.data)
+        latents, styles, model_space = dataset.latents, dataset.styles, space == "model"
+        for cond in dataset.conds:
+            extra = {} if cond["pooled"] is None else {"pooled_output": cond["pooled"][None]}
+            conditionings.append([[cond["context"][None], extra]])
+        fixed_noise = dataset.noise
+        fixed_sigmas = None if dataset.sigmas is None else dataset.sigmas.tolist()
+        if dataset.noise is not None:
+            log.info("note: the data set's fixed noise/sigma pairs are used as they are")
+        log.info("%d training samples in %d size buckets", len(latents), len({tuple(x.shape) for x in latents}))
+
     resume = None
     if a.resume:
         if core.checkpoint_steps(a.out_dir):
@@ -185,34 +233,37 @@ def main(argv=None) -> int:
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        log.info("stopping after this step (Ctrl-C again to abort without a checkpoint)")
+        log.warning("stopping after this step (Ctrl-C again to abort without a checkpoint)")
 
     signal.signal(signal.SIGINT, on_sigint)
     started = time.perf_counter()
-
-    first_step: list[int] = []
+    tracker = logs.TrainingLog(
+        a.steps, is_main=runner.is_main, jsonl_path=os.path.join(a.out_dir, "train-log.jsonl"),
+        report_to=a.report_to, run_dir=a.out_dir, config={**vars(a), "processes": runner.world_size},
+        desc="gates", log_every=a.log_every, project=a.wandb_project, stream=sys.stdout)
 
     def progress(p):
-        if not first_step:
-            first_step.append(p.step - 1)  # steps done before this run (resume)
-        if p.step % a.log_every == 0 or p.step == p.total:
-            rate = p.seconds / max(1, p.step - first_step[0])
-            log.info("step %d/%d  loss %.5f  lr %.2e  %.2fs/step  eta %.0fs", p.step, p.total, p.loss,
-                     p.learning_rate, rate, rate * (p.total - p.step))
+        encoded = {"encoded_rank0": streamed[0].encoded_images} if streamed else {}
+        tracker.update(p.step, p.loss, p.learning_rate, p.samples, epoch=p.epoch, style_loss=p.aux, **encoded)
 
-    trained, result = gt.train_moe_gates(
-        patched, latents, conditionings, config, gates=gates, sigma_features=a.sigma_features, progress=progress,
-        styles=styles, fixed_noise=dataset.noise, fixed_sigmas=None if dataset.sigmas is None else
-        dataset.sigmas.tolist(), resume=resume, model_space=model_space, should_stop=lambda: stop["requested"])
+    try:
+        trained, result = gt.train_moe_gates(
+            patched, latents, conditionings, config, gates=gates, sigma_features=a.sigma_features,
+            progress=progress, styles=styles, fixed_noise=fixed_noise, fixed_sigmas=fixed_sigmas, resume=resume,
+            model_space=model_space, should_stop=lambda: stop["requested"], runner=runner,
+            data_factory=data_factory)
+    finally:
+        tracker.close()
     log.info("done: %d steps in %.0fs (this run), loss %.5f -> %.5f%s", result.steps,
              time.perf_counter() - started, result.loss_history[0], result.loss_history[-1],
              "" if result.explored_fraction is None else f", explored {result.explored_fraction:.3f} of tokens")
     final = os.path.join(a.out_dir, f"gates-step{result.steps:07d}.safetensors")
     log.info("gates: %s", final)
-    if a.export and os.path.exists(final):
+    if runner.is_main and a.export and os.path.exists(final):
         os.makedirs(os.path.dirname(os.path.abspath(a.export)), exist_ok=True)
         shutil.copyfile(final, a.export)
         log.info("exported to %s", a.export)
+    runner.close()
     return 0
 
 

@@ -54,7 +54,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import re
 import sys
 import time
@@ -65,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from ..layout import COORD_MAX, Canvas, Layout, LayoutError, Region, parse_layout
-from .backends import ADAPTER_SIDECAR, load_causal_lm, model_fingerprint
+from .backends import ADAPTER_SIDECAR, _resolve_device, load_causal_lm, model_fingerprint
 from .chain import (
     CHAIN_VERSION,
     DEFAULT_MAX_REGIONS,
@@ -353,7 +352,11 @@ def bootstrap_from_offline(prompts: Iterable[str], *, max_regions: int = DEFAULT
 
 @dataclass
 class TrainConfig:
-    """LoRA and optimisation settings. ``target_modules=None`` picks the attention projections."""
+    """LoRA and optimisation settings. ``target_modules=None`` picks the attention projections.
+
+    ``grad_accum``: examples per process per optimiser step (one forward each); a step's global batch is
+    ``grad_accum`` × processes. ``checkpoint_every``: write a resumable checkpoint every N steps (0: at the
+    end only)."""
 
     rank: int = 8
     alpha: int = 16
@@ -367,6 +370,7 @@ class TrainConfig:
     max_length: int = 2048
     max_regions: int = DEFAULT_MAX_REGIONS  # the cap written into the step-0 prompt during training
     seed: int = 0
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -405,41 +409,121 @@ def _tokenize_example(tokenizer: Any, example: Example, max_regions: int) -> tup
     return prompt_ids + answer_ids + eos, len(prompt_ids)
 
 
+class _Examples:
+    """The usable training examples. From a JSONL file they are streamed: a first pass (split over the
+    processes) keeps only the byte offsets of lines that validate and fit ``max_length``; a line is read,
+    validated and tokenised again when a step needs it. Records given in memory stay in memory."""
+
+    def __init__(self, data: str | Path | Iterable[dict[str, Any]], tokenizer: Any, cfg: TrainConfig, runner,
+                 skipped: list[str]):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.path: Path | None = None
+        if isinstance(data, (str, Path)):
+            self.path = Path(data)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"training data not found: {self.path}")
+            offsets, numbers = [], []
+            position = 0
+            with self.path.open("rb") as handle:
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        offsets.append(position)
+                        numbers.append(number)
+                    position += len(line)
+            mine = range(runner.rank, len(offsets), runner.world_size)
+            kept, notes = [], []
+            for index in mine:
+                problem = self._check(self._line(offsets[index]), f"{self.path.name}:{numbers[index]}")
+                (notes.append(problem) if problem else kept.append(index))
+            parts = runner.gather_objects((kept, notes))
+            keep = sorted(i for part, _ in parts for i in part)
+            self.offsets = [offsets[i] for i in keep]
+            skipped.extend(sorted((n for _, part in parts for n in part), key=_line_order))
+            st = self.path.stat()
+            self.fingerprint = f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{len(self.offsets)}"
+        else:
+            self.encoded = []
+            for ex in load_examples(data, max_regions=cfg.max_regions, problems=skipped):
+                ids, n_prompt = _tokenize_example(tokenizer, ex, cfg.max_regions)
+                if len(ids) > cfg.max_length:
+                    skipped.append(f"{ex.prompt[:40]!r}: {len(ids)} tokens; max_length is {cfg.max_length}")
+                else:
+                    self.encoded.append((ids, n_prompt))
+            self.fingerprint = f"records:{len(self.encoded)}"
+
+    def _line(self, offset: int) -> bytes:
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.readline()
+
+    def _encode(self, line: bytes, where: str) -> tuple[list[int], int]:
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{where}: not JSON ({exc})") from None
+        example = _example_from_record(record, max_regions=self.cfg.max_regions)
+        return _tokenize_example(self.tokenizer, example, self.cfg.max_regions)
+
+    def _check(self, line: bytes, where: str) -> str | None:
+        try:
+            ids, _n = self._encode(line, where)
+        except (ValueError, LayoutError) as exc:
+            return f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)
+        if len(ids) > self.cfg.max_length:
+            return f"{where}: {len(ids)} tokens; max_length is {self.cfg.max_length}"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.offsets) if self.path is not None else len(self.encoded)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        if self.path is None:
+            return self.encoded[index]
+        return self._encode(self._line(self.offsets[index]), f"{self.path.name} example {index}")
+
+
+def _line_order(note: str) -> tuple[int, str]:
+    match = re.match(r"[^:]*:(\d+):", note)
+    return (int(match.group(1)) if match else 0, note)
+
+
 def train_lora(base_model: str | Path, data: str | Path | Iterable[dict[str, Any]], output_dir: str | Path, *,
                gguf_file: str | None = None, cache_dir: str | Path | None = None,
                config: TrainConfig | None = None, device: str = "auto",
-               progress: ProgressCallback | None = None) -> TrainResult:
+               progress: ProgressCallback | None = None, runner: Any = None, resume: bool = False,
+               log: Any = None) -> TrainResult:
     """Fine-tune a LoRA adapter for step 0 and save it (safetensors) into ``output_dir``.
 
     ``base_model``: a model folder, a folder with one GGUF, or a GGUF file (as for TransformersBackend).
-    ``data``: a JSONL path or records (format in the module docstring). ``progress(step, total, loss)``
-    is called after every optimiser step. Returns the per-step losses.
+    ``data``: a JSONL path (streamed) or records (format in the module docstring). ``progress(step, total,
+    loss)`` is called after every optimiser step. ``runner``: this process of a distributed run
+    (:mod:`mepg_core.training.distributed`; default one process, on ``device``); only the LoRA weights are
+    all-reduced, each process takes its slice of every step's examples, and only rank 0 writes.
+    ``resume``: continue from the newest checkpoint in ``output_dir/checkpoints`` (weights, optimiser, step,
+    data position, random state). ``log``: a :class:`~mepg_core.training.logs.TrainingLog`.
+    Returns the per-step losses.
     """
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from ..training.checkpoints import TrainingState
+    from ..training.distributed import LocalRunner, ParameterHolder, rank_positions
+
     cfg = config or TrainConfig()
+    runner = runner or LocalRunner(_resolve_device(device))
     started = time.perf_counter()
     skipped: list[str] = []
-    examples = load_examples(data, max_regions=cfg.max_regions, problems=skipped)
-    if not examples:
-        raise ValueError("no usable training example" + (f": {skipped[0]}" if skipped else ""))
-
-    loaded = load_causal_lm(base_model, gguf_file=gguf_file, cache_dir=cache_dir, device=device, dtype="float32")
+    loaded = load_causal_lm(base_model, gguf_file=gguf_file, cache_dir=cache_dir, device=str(runner.device),
+                            dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     base_fp = model_fingerprint(model)
+    examples = _Examples(data, tokenizer, cfg, runner, skipped)
+    for p in skipped:
+        logger.warning("training data: %s", p)
+    if not len(examples):
+        raise ValueError("no usable training example" + (f": {skipped[0]}" if skipped else ""))
 
-    encoded: list[tuple[list[int], int]] = []
-    for ex in examples:
-        ids, n_prompt = _tokenize_example(tokenizer, ex, cfg.max_regions)
-        if len(ids) > cfg.max_length:
-            skipped.append(f"{ex.prompt[:40]!r}: {len(ids)} tokens; max_length is {cfg.max_length}")
-            continue
-        encoded.append((ids, n_prompt))
-    if not encoded:
-        raise ValueError(f"every example is longer than max_length={cfg.max_length} tokens")
-
-    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices
+    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices (alike on every rank)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                       target_modules=cfg.target_modules or _default_targets(model), task_type="CAUSAL_LM")
     with warnings.catch_warnings():
@@ -447,53 +531,81 @@ def train_lora(base_model: str | Path, data: str | Path | Iterable[dict[str, Any
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, lora)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    runner.wrap(ParameterHolder(named))  # DDP over the LoRA weights only (the base is never broadcast)
+    torch.manual_seed(cfg.seed + 1 + runner.rank)  # dropout: each rank its own draws
 
-    steps_per_epoch = math.ceil(len(encoded) / max(1, cfg.grad_accum))
+    per_rank = max(1, cfg.grad_accum)
+    global_batch = per_rank * runner.world_size
+    steps_per_epoch = math.ceil(len(examples) / global_batch)
     total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * max(1, cfg.epochs)
-    order_rng = random.Random(cfg.seed)
+    out = Path(output_dir)
+    state = TrainingState(out / "checkpoints", "lora", runner, named, optimiser, global_batch,
+                          f"{base_fp}|{examples.fingerprint}")
     losses: list[float] = []
-    dev = next(model.parameters()).device
     step = 0
+    if resume and state.newest() is not None:
+        step, extra = state.load(state.newest())
+        losses = list(extra["losses"])
+    if log is not None:
+        log.set_total(total, done=step)
+    orders: dict[int, list[int]] = {}
+    dev = runner.device
     while step < total:
-        order = list(range(len(encoded)))
-        order_rng.shuffle(order)
-        for start in range(0, len(order), max(1, cfg.grad_accum)):
-            if step >= total:
-                break
-            batch = order[start:start + max(1, cfg.grad_accum)]
-            optimiser.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for k in batch:
-                ids, n_prompt = encoded[k]
-                input_ids = torch.tensor([ids], device=dev)
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            orders[epoch] = torch.randperm(len(examples), generator=g).tolist()
+        batch = orders[epoch][position * global_batch:(position + 1) * global_batch]
+        positions = rank_positions(len(batch), runner.rank, runner.world_size)
+        optimiser.zero_grad(set_to_none=True)
+        local = 0.0
+        for j, pos in enumerate(positions):
+            ids, n_prompt = examples[batch[max(pos, 0)]]
+            weight = 0.0 if pos < 0 else runner.world_size / len(batch)
+            input_ids = torch.tensor([ids], device=dev)
+            keep = len(ids) - n_prompt + 1
+            seen: list[float] = []
+
+            def example_loss(input_ids=input_ids, keep=keep, n_prompt=n_prompt, weight=weight, seen=seen):
                 # Logits only where the answer is predicted: the prompt is most of the sequence and the
                 # vocabulary is large, so this saves most of the memory.
-                keep = len(ids) - n_prompt + 1
                 logits = model(input_ids=input_ids, logits_to_keep=keep).logits[0, :-1].float()
-                targets = input_ids[0, n_prompt:]
-                loss = torch.nn.functional.cross_entropy(logits, targets) / len(batch)
-                loss.backward()
-                step_loss += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimiser.step()
-            step += 1
-            losses.append(step_loss)
-            if progress is not None:
-                progress(step, total, step_loss)
+                loss = torch.nn.functional.cross_entropy(logits, input_ids[0, n_prompt:])
+                seen.append(float(loss.detach()))
+                return loss * weight
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = loaded.base_id
-    model.save_pretrained(str(out), safe_serialization=True)
-    sidecar = {"format": 1, "base_model": loaded.base_id, "base_fingerprint": base_fp,
-               "chain_version": CHAIN_VERSION, "max_regions": cfg.max_regions, "examples": len(encoded),
-               "steps": step, "first_loss": losses[0], "final_loss": losses[-1], "config": asdict(cfg)}
-    (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
-    if not (out / "adapter_model.safetensors").is_file():
-        raise RuntimeError(f"peft did not write adapter_model.safetensors into {out}")
-    return TrainResult(str(out), losses, step, len(encoded), skipped, time.perf_counter() - started)
+            with runner.sync(j == len(positions) - 1):
+                runner.forward(example_loss).backward()
+            local += seen[0] if pos >= 0 else 0.0
+        step_loss = float(runner.all_sum(torch.tensor([local], dtype=torch.float64))[0]) / len(batch)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        step += 1
+        losses.append(step_loss)
+        if progress is not None:
+            progress(step, total, step_loss)
+        if log is not None:
+            log.update(step, step_loss, cfg.learning_rate, len(batch), epoch=epoch)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            state.save(step, {"losses": losses, "config": asdict(cfg)})
+
+    if runner.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        model.peft_config["default"].base_model_name_or_path = loaded.base_id
+        model.save_pretrained(str(out), safe_serialization=True)
+        sidecar = {"format": 1, "base_model": loaded.base_id, "base_fingerprint": base_fp,
+                   "chain_version": CHAIN_VERSION, "max_regions": cfg.max_regions, "examples": len(examples),
+                   "steps": step, "first_loss": losses[0], "final_loss": losses[-1], "config": asdict(cfg),
+                   "processes": runner.world_size}
+        (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
+        if not (out / "adapter_model.safetensors").is_file():
+            raise RuntimeError(f"peft did not write adapter_model.safetensors into {out}")
+    state.save(step, {"losses": losses, "config": asdict(cfg)})
+    return TrainResult(str(out), losses, step, len(examples), skipped, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,7 +676,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=2048)
     t.add_argument("--max-regions", type=int, default=DEFAULT_MAX_REGIONS)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (each process of a distributed run takes "
+                                                    "its own GPU)")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="resumable checkpoint every N steps "
+                                                                  "(OUT/checkpoints; one is always written at the end)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    t.add_argument("--report-to", nargs="*", default=[], choices=("tensorboard", "wandb"),
+                   help="also log to TensorBoard (OUT/tensorboard) and/or Weights & Biases, if installed")
     return p
 
 
@@ -598,19 +716,23 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
                       epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
                       grad_accum=args.grad_accum, max_length=args.max_length, max_regions=args.max_regions,
-                      seed=args.seed)
-    bar: _Bar | None = None
+                      seed=args.seed, checkpoint_every=args.checkpoint_every)
+    from ..training.distributed import make_runner
+    from ..training.logs import TrainingLog
 
-    def show(step: int, total: int, loss: float) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _Bar(total, "training")
-        bar.update(step, f"loss {loss:.4f}")
-
-    result = train_lora(args.base, args.data, args.out, gguf_file=args.gguf_file, cache_dir=args.cache_dir,
-                        config=cfg, device=args.device, progress=show)
-    if bar is not None:
-        bar.close()
+    runner = make_runner(cpu=args.device == "cpu")  # one process, or this rank of accelerate launch / torchrun
+    log = TrainingLog(args.max_steps or 0, is_main=runner.is_main, jsonl_path=str(Path(args.out) / "train-log.jsonl"),
+                      report_to=args.report_to, run_dir=args.out, config=vars(args), desc="planner LoRA",
+                      project="mepg-planner-lora")
+    try:
+        result = train_lora(args.base, args.data, args.out, gguf_file=args.gguf_file, cache_dir=args.cache_dir,
+                            config=cfg, device=args.device, runner=runner, resume=args.resume,
+                            log=log)
+    finally:
+        log.close()
+    runner.close()
+    if not runner.is_main:
+        return 0
     for p in result.skipped:
         print(f"note: skipped {p}", file=sys.stderr)
     print(f"trained {result.steps} steps on {result.examples} examples in {result.seconds:.1f} s: loss "
