@@ -69,6 +69,7 @@ def compose(mentions: list[Mention], relations: list[Relation], width: int, heig
     for i in roots:
         _place_children(groups, i)
     _fit(groups)
+    _honour_places(groups)
     _prominent(groups)
     return {i: [_int_box(b) for b in g.boxes] for i, g in groups.items()}
 
@@ -90,6 +91,9 @@ def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
         if child not in groups or parent not in groups or child == parent or groups[child].parent is not None:
             continue
         if _is_ancestor(groups, child, parent):
+            continue
+        cm, pm = groups[child].mention, groups[parent].mention
+        if how in ("beside", "left", "right") and (cm.hint_x is not None and pm.hint_x is not None):
             continue
         groups[child].parent, groups[child].how = parent, how
         groups[parent].children.append(child)
@@ -304,20 +308,76 @@ def _fit(groups: dict[int, Group]) -> None:
         b[3] += dy
 
 
+_X_TARGET = {0: 210.0, 1: 500.0, 2: 790.0}
+
+
+def _subtree(groups: dict[int, Group], i: int) -> list[list[float]]:
+    out = list(groups[i].boxes)
+    for c in groups[i].children:
+        out += _subtree(groups, c)
+    return out
+
+
+def _shift_boxes(boxes: list[list[float]], dx: float, dy: float) -> None:
+    u = _union(boxes)
+    dx = min(max(dx, EDGE - u[0]), FRAME - EDGE - u[2])
+    dy = min(max(dy, EDGE - u[1]), FRAME - EDGE - u[3])
+    for b in boxes:
+        b[0] += dx
+        b[2] += dx
+        b[1] += dy
+        b[3] += dy
+
+
+def _honour_places(groups: dict[int, Group]) -> None:
+    """"On the left", "in the sky", "in the foreground": an absolute place the layout missed moves the
+    thing (with what rests on it) there; it outranks a relation to its neighbours."""
+    for i, g in groups.items():
+        m = g.mention
+        if not g.boxes or (m.hint_x is None and m.hint_y is None and m.depth is None):
+            continue
+        boxes = _subtree(groups, i)
+        own = g.boxes
+        cx = sum((b[0] + b[2]) / 2 for b in own) / len(own)
+        cy = sum((b[1] + b[3]) / 2 for b in own) / len(own)
+        dx = dy = 0.0
+        if m.hint_x == 0 and cx > 360 or m.hint_x == 2 and cx < 640 or m.hint_x == 1 and abs(cx - 500) > 150:
+            dx = _X_TARGET[m.hint_x] - cx
+        if m.hint_y == 0 and cy > 360:
+            dy = 220.0 - cy
+        elif (m.hint_y == 2 or m.depth == 2) and cy < 590:
+            dy = 760.0 - cy
+        elif m.hint_y == 1 and abs(cy - 500) > 150:
+            dy = 500.0 - cy
+        if dx or dy:
+            _shift_boxes(boxes, dx, dy)
+        if m.depth == 0:
+            big = max((b[2] - b[0]) * (b[3] - b[1]) for b in own)
+            if big > 0.28 * FRAME * FRAME and cy >= 540:
+                _shift_boxes(boxes, 0.0, 500.0 - cy)
+
+
 MAIN_MIN_AREA = 0.06 * FRAME * FRAME
+SEEN_MIN_AREA = 0.045 * FRAME * FRAME   # in a scene of a few things, each is drawn big enough to see
 
 
 def _prominent(groups: dict[int, Group]) -> None:
     """A main subject squeezed below ~6 % of the canvas is grown about its centre (inside the canvas)."""
+    few = len(groups) <= 6
     for g in groups.values():
-        if not g.mention.main or not g.boxes:
+        if not g.boxes or not (g.mention.main or few):
             continue
         big = max((b[2] - b[0]) * (b[3] - b[1]) for b in g.boxes)
-        if big >= MAIN_MIN_AREA:
+        if big >= (MAIN_MIN_AREA if g.mention.main else SEEN_MIN_AREA):
             continue
-        f = min(2.5, (MAIN_MIN_AREA / max(big, 1.0)) ** 0.5)
+        want = MAIN_MIN_AREA if g.mention.main else SEEN_MIN_AREA
+        f = min(2.5, (want / max(big, 1.0)) ** 0.5)
+        if g.how == "inside":
+            continue   # it must stay in its container
         for b in g.boxes:
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            if g.how == "on":
+                cy = b[3] - (b[3] - b[1]) * f / 2   # keep resting on the support
             hw, hh = (b[2] - b[0]) * f / 2, (b[3] - b[1]) * f / 2
             cx = min(max(cx, EDGE + hw), FRAME - EDGE - hw) if 2 * hw < FRAME - 2 * EDGE else FRAME / 2
             cy = min(max(cy, EDGE + hh), FRAME - EDGE - hh) if 2 * hh < FRAME - 2 * EDGE else FRAME / 2

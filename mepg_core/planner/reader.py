@@ -93,6 +93,8 @@ def read_scene(text: str) -> Scene:
     _global_style(doc, words, styles, phrases, scene)
     _relations(doc, words, phrases, by_head, scene)
     _predicates(doc, phrases, by_head, scene)
+    _descriptions(doc, phrases, scene)
+    _drop_spelled_out_groups(doc, scene, phrases)
     _choose_main(doc, scene, phrases)
     scene.negatives = [p.label for p in phrases if p.negated and p.cls in vocabulary.BOXABLE]
     scene.scene_words = [p.label for p in phrases if p.cls == "scenery" and not p.negated]
@@ -209,7 +211,7 @@ def _noun_phrases(doc: Any, words: list[str], styles: dict[int, tuple[int, str]]
                 if _verb_read_as_noun(doc, start - 1):
                     break
                 if prev.pos_ in _NOUN_POS and prev.dep_ not in ("compound", "amod", "nmod", "nummod", "quantmod") \
-                        and prev.text.lower() not in lx.NUMBER_WORDS:
+                        and prev.text.lower() not in lx.NUMBER_WORDS and doc[start].text != "-":
                     break
                 if prev.text.lower() in ("that", "which", "who", "there", "here"):
                     break
@@ -267,6 +269,8 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
             cls = "abstract"
         elif tok.pos_ == "PROPN" and tok.ent_type_ == "PERSON":
             cls = "person"
+    if tok.pos_ == "PROPN" and _after_artist_words(words, start):
+        cls = "meta"   # "in the style of Van Gogh", "inspired by Salvador Dali": a name, not a thing
     p = Phrase(start=start, head=head, label=label, cls=cls, plural=plural)
     count: int | None = None
     for j in range(start, head):
@@ -310,6 +314,12 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
     elif plural:
         p.count = vocabulary.DEFAULT_PLURAL_COUNT
     return p
+
+
+def _after_artist_words(words: list[str], start: int) -> bool:
+    before = words[max(0, start - 3):start]
+    return (before[-2:] == ["style", "of"] or before[-2:] == ["inspired", "by"] or before[-1:] == ["by"]
+            or before[-2:] == ["works", "of"] or before[-3:] == ["in", "the", "manner"])
 
 
 def _number(words: list[str], j: int) -> int | None:
@@ -399,6 +409,10 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
             if p.cls not in ("person", "animal") else None
         if owner is None and p.cls in ("worn", "part"):
             owner = _syntactic_owner(tok, phrases, by_head)
+        if owner is None and p.cls == "thing" and vocabulary.is_clothing(p.label):
+            wearer = _syntactic_owner(tok, phrases, by_head)   # "a girl in a white sundress"
+            if wearer is not None and phrases[wearer].cls in ("person", "animal", "worn"):
+                owner = wearer
         if owner is None and p.cls not in ("worn", "part") and p.cls in vocabulary.BOXABLE and \
                 p.cls not in ("person", "animal") and _possessor(tok, phrases, by_head, any_kind=True) is not None:
             owner = _possessor(tok, phrases, by_head, any_kind=True)
@@ -420,7 +434,8 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
         elif p.cls in ("worn", "part"):
             body = (vocabulary.wordnet_codes(p.label) or "x")[0] == "B" or p.label in _BODY
             subject = tok.dep_ in ("ROOT", "nsubj", "nsubjpass") or p.count_explicit
-            p.cls = "abstract" if body and not subject else "thing"
+            part_only = p.cls == "part" and p.label not in lx.NOUN_SHAPES
+            p.cls = "abstract" if (body or part_only) and not subject else "thing"
 
 
 def _standalone_chunk(doc: Any, tok: Any) -> bool:
@@ -571,8 +586,11 @@ def _subject_of(tok: Any, doc: Any, phrases: list[Phrase], by_head: dict[int, in
         if m is not None and m not in exclude and anc.i != tok.i:
             return m
         if anc.pos_ in ("VERB", "AUX") or anc.dep_ == "ROOT":
-            for c in anc.children:
-                if c.dep_ in ("nsubj", "nsubjpass", "expl"):
+            kids = list(anc.children)
+            if any(c.dep_ == "expl" for c in kids):
+                kids = [c for c in kids if c.dep_ == "attr"] + kids
+            for c in kids:
+                if c.dep_ in ("nsubj", "nsubjpass", "expl", "attr"):
                     m = _mention_of_token(c, phrases, by_head)
                     if m is None and c.text.lower() in _PRONOUN_SUBJECTS:
                         m = linking.last_mention_before(phrases, c.i, exclude)
@@ -597,6 +615,11 @@ def _target_after(doc: Any, phrases: list[Phrase], j: int, limit: int = 6) -> tu
                                                              for x in range(j, p.start)):
             if p.mention is None and p.owner is not None:
                 return k, phrases[p.owner].mention
+            if p.mention is None and p.head + 1 < len(doc) and doc[p.head + 1].text.lower() == "of":
+                # "upon the polished surface of an oak desk", "on the back of the sofa"
+                for q in phrases[k + 1:k + 3]:
+                    if q.start - p.head <= 4 and q.mention is not None:
+                        return k, q.mention
             return k, p.mention
         if p.start > j + limit:
             break
@@ -618,6 +641,14 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                 rels.append(Relation("left" if words[i + 2] == "left" else "right", subj, (owner,)))
             i += 3
             continue
+        if words[i] in ("on", "at") and i + 1 < n and words[i + 1] == "top" and (i + 2 >= n or words[i + 2] != "of"):
+            # "two mugs on top": on the thing they were named with
+            subj = _subject_of(tok, doc, phrases, by_head, i, set())
+            holder = _holder_of(subj, phrases, doc, by_head) if subj is not None else None
+            if subj is not None and holder is not None:
+                rels.append(Relation("on", subj, (holder,)))
+                i += 2
+                continue
         place = _absolute_place(words, i)
         if place is not None:
             axis, value, end = place
@@ -639,6 +670,14 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
         hit = match_relation(words, i) if tok.pos_ in ("ADP", "ADV", "SCONJ", "ADJ", "NOUN", "VERB") else None
         if hit is not None:
             kind, end = hit
+            if end < n and words[end] in ("it", "them", "him", "her", "itself", "themselves"):
+                # "a coffee table in front of it": the pronoun's thing
+                subj = _subject_of(tok, doc, phrases, by_head, i, set())
+                target = linking.last_mention_before(phrases, i, {subj} if subj is not None else set())
+                if subj is not None and target is not None and subj != target:
+                    _add_relation(rels, scene, kind, subj, (target,), phrases, doc, by_head)
+                i = end + 1
+                continue
             k, target = _target_after(doc, phrases, end)
             if target is not None:
                 subj = _subject_of(tok, doc, phrases, by_head, i, {target})
@@ -659,6 +698,20 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
     scene.relations = _dedupe(rels)
 
 
+def _holder_of(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> int | None:
+    """The thing a mention was introduced with ("a table with two mugs"), else the one named before it."""
+    for p in phrases:
+        if p.mention != subj:
+            continue
+        tok = doc[p.head]
+        if tok.head.text.lower() in ("with", "of") and tok.head.head.i in by_head:
+            m = _mention_of_token(tok.head.head, phrases, by_head)
+            if m is not None and m != subj:
+                return m
+        return linking.last_mention_before(phrases, p.start, {subj})
+    return None
+
+
 def _conj_mention(doc: Any, phrases: list[Phrase], by_head: dict[int, int], p: Phrase) -> int | None:
     for c in doc[p.head].children:
         if c.dep_ == "conj":
@@ -677,7 +730,7 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
         holder, content = scene.mentions[subj], scene.mentions[target]
         if holder.label in lx.CONTAINER_NOUNS and content.kind in ("food", "plant", "thing", "animal"):
             rels.append(Relation("inside", target, (subj,), explicit=False))
-        elif holder.label in _SURFACES:
+        elif _is_surface(holder.label):
             rels.append(Relation("on", target, (subj,), explicit=False))
         else:
             rels.append(Relation("beside", subj, (target,), explicit=False))
@@ -691,6 +744,9 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
     if kind == "flanked":
         rels.append(Relation("between", subj, targets))
         return
+    if kind == "beside" and _is_surface(scene.mentions[targets[0]].label) and \
+            doc[_phrase_head_of(phrases, targets[0])].head.text.lower() in ("across", "along", "over", "atop"):
+        kind = "on"   # "racing across a kitchen table"
     if kind == "inside" and scene.mentions[targets[0]].label not in lx.CONTAINER_NOUNS and \
             scene.mentions[targets[0]].kind in ("person", "animal"):
         kind = "beside"
@@ -704,6 +760,10 @@ _SURFACES = frozenset({"table", "dining table", "desk", "shelf", "bed", "couch",
                        "counter", "coffee table", "nightstand", "stool", "bench", "board", "cutting board",
                        "platter", "dresser", "cabinet", "bookshelf", "windowsill", "mantel", "mantelpiece",
                        "workbench", "altar", "pedestal", "stand", "table top", "countertop"})
+
+
+def _phrase_head_of(phrases: list[Phrase], mention: int) -> int:
+    return next((p.head for p in phrases if p.mention == mention), 0)
 
 
 def _conj_subjects(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> list[int]:
@@ -740,14 +800,34 @@ def _verb_relation(verb: Any, doc: Any, phrases: list[Phrase], by_head: dict[int
             subj = _mention_of_token(verb.head, phrases, by_head)
     if target is None or subj is None or subj == target:
         return
-    if lemma in HOLD_VERBS:
-        rels.append(Relation("holding", subj, (target,)))
+    holder, thing = scene.mentions[subj], scene.mentions[target]
+    if holder.kind not in ("person", "animal") and lemma in HOLD_VERBS | _SUPPORT_VERBS:
+        # "the nightstand holds a lamp", "its surface hosting a kettle": resting on or inside it
+        kind = "on" if _is_surface(holder.label) or holder.label not in lx.CONTAINER_NOUNS else "inside"
+        rels.append(Relation(kind, target, (subj,)))
     elif lemma in RIDE_VERBS:
         rels.append(Relation("on", subj, (target,)))
     elif lemma in WEAR_VERBS:
         pass
+    elif lemma in HOLD_VERBS or (holder.kind in ("person", "animal") and thing.kind not in ("person", "animal")
+                                 and lemma not in _AT_A_DISTANCE_VERBS):
+        rels.append(Relation("holding", subj, (target,)))   # "mending a net", "eating bamboo", "reading a book"
     else:
         rels.append(Relation("beside", subj, (target,), explicit=False))
+
+
+_SUPPORT_VERBS = frozenset({"feature", "host", "support", "display", "bear", "hold", "carry", "showcase",
+                            "contain", "have", "boast", "present", "house", "cradle"})
+# Verbs whose object is seen or met, not handled.
+_AT_A_DISTANCE_VERBS = frozenset({"look", "watch", "see", "face", "chase", "follow", "race", "approach", "pass",
+                                  "cross", "leave", "enter", "visit", "greet", "admire", "observe", "overlook",
+                                  "guard", "ignore", "eye", "stare", "hunt", "stalk", "pursue", "circle",
+                                  "fly", "walk", "climb", "jump", "reach", "explore", "overhang", "shade",
+                                  "illuminate", "light", "frame", "surround", "flank", "block", "share"})
+
+
+def _is_surface(label: str) -> bool:
+    return label in _SURFACES or label.split()[-1] in _SURFACES
 
 
 def _absolute_place(words: list[str], i: int) -> tuple[str, int, int] | None:
@@ -828,6 +908,47 @@ def _predicates(doc: Any, phrases: list[Phrase], by_head: dict[int, int], scene:
             scene.mentions[m].post.append(" ".join(words))
 
 
+def _drop_spelled_out_groups(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
+    """"three kids on a bench, a boy ..., a girl ... and a toddler ...": the group is the people listed
+    after it, not more people."""
+    for p in phrases:
+        if p.mention is None or p.cls != "person" or p.count < 2:
+            continue
+        m = scene.mentions[p.mention]
+        sent = doc[p.head].sent
+        later = {q.mention for q in phrases if q.mention not in (None, p.mention) and q.head > p.head
+                 and doc[q.head].sent == sent and q.cls == "person" and q.count == 1}
+        if len(later) >= 2 and (not m.count_explicit or len(later) >= m.count - 1):
+            m.count = 0
+            p.mention = None
+
+
+_DESCRIBING_VERBS = frozenset({"paint", "make", "cover", "dress", "carve", "craft", "color", "colour", "adorn",
+                               "decorate", "coat", "dye", "clad", "trim", "wrap", "upholster", "tint", "build",
+                               "forge", "sculpt", "knit", "weave", "stitch", "finish", "glaze", "shade"})
+
+
+def _descriptions(doc: Any, phrases: list[Phrase], scene: Scene) -> None:
+    """"a carriage, painted in deep red", "a dragon made of autumn leaves", "three cows, a mix of white and
+    brown patches": words after the noun that say what it looks like go into its region prompt."""
+    for p in phrases:
+        if p.mention is None or p.skip:
+            continue
+        m = scene.mentions[p.mention]
+        for child in doc[p.head].children:
+            if child.i <= p.head:
+                continue
+            words = None
+            if child.dep_ in ("acl", "relcl") and child.lemma_.lower() in _DESCRIBING_VERBS:
+                words = [t.text for t in child.subtree][:8]
+            elif child.dep_ in ("appos", "amod") and any(t.text.lower() in lx.COLOR_WORDS for t in child.subtree):
+                words = [t.text for t in child.subtree if t.dep_ != "punct"][:8]
+            if words and len(" ".join(m.post).split()) < 16:
+                text = " ".join(words)
+                if text not in m.post:
+                    m.post.append(text)
+
+
 def _choose_main(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
     """Main subjects: the first thing named, the subjects of the first sentence (and what they are joined
     to by "and"), and the people and animals named first."""
@@ -841,8 +962,9 @@ def _choose_main(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
         tok = doc[p.head]
         if tok.sent != first_sent:
             continue
-        if tok.dep_ in ("nsubj", "nsubjpass", "ROOT", "dobj", "attr") or \
-                (tok.dep_ == "conj" and doc[tok.head.i].dep_ in ("nsubj", "ROOT", "dobj", "pobj", "appos")):
+        if tok.dep_ in ("nsubj", "nsubjpass", "ROOT", "dobj", "attr", "appos", "npadvmod") or \
+                (tok.dep_ == "conj" and doc[tok.head.i].dep_ in ("nsubj", "ROOT", "dobj", "pobj", "appos")) or \
+                p.head - first_sent.start < 10:
             scene.mentions[p.mention].main = True
     for m in scene.mentions[1:4]:
         if m.kind in ("person", "animal"):
