@@ -114,7 +114,7 @@ META = frozenset(lx.META_NOUNS | {
     "touch", "hint", "splash", "dash", "sea of", "air", "use", "hd", "uhd", "8k", "4k", "dslr",
     "film", "selfie", "vignette", "material", "materials", "layer", "layers", "mark", "marks", "scuff",
     "scuffs", "wisp", "wisps", "strip", "strips", "doodle", "doodles", "spice", "spices", "powder",
-    "nature", "mound", "spray", "cling", "lie", "pop", "up", "passersby", "mix", "blend", "contrast",
+    "nature", "mound", "spray", "cling", "lie", "pop", "up", "passersby", "mix", "blend",
 })
 # Printed things WordNet files under communication first.
 PRINTED = frozenset({"book", "magazine", "newspaper", "map", "poster", "letter", "card", "postcard",
