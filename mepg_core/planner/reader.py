@@ -18,7 +18,7 @@ from typing import Any
 
 from . import lexicon as lx
 from . import linking, reading, vocabulary
-from .prompt_text import prepare
+from .prompt_text import prepare, strip_weights
 from .relation_words import HOLD_VERBS, PLACE_PREPS, PLACE_WORDS, RIDE_VERBS, WEAR_VERBS, match_relation
 from .scene import Mention, Relation, Scene
 
@@ -39,7 +39,12 @@ STYLE_PHRASES = {**lx.STYLE_PHRASES, "photography": "photo", "concept art": "con
                  "polaroid": "photo", "cinematic still": "photo", "film still": "photo", "isometric": "3d render",
                  "vaporwave": "digital art", "synthwave": "digital art", "art nouveau": "illustration",
                  "art deco": "illustration", "studio ghibli": "anime", "ghibli": "anime", "pop art": "comic",
-                 "papercut": "illustration", "paper cut": "illustration", "tilt-shift": "photo", "macro": "photo"}
+                 "papercut": "illustration", "paper cut": "illustration", "tilt-shift": "photo", "macro": "photo",
+                 "surreal": "painting", "surrealism": "painting", "surrealist": "painting", "tapestry": "illustration",
+                 "sumi-e": "illustration", "ink painting": "illustration", "ink wash": "illustration",
+                 "gopro": "photo", "fisheye": "photo", "blender": "3d render", "pixar": "3d render",
+                 "octane render": "3d render", "raw photo": "photo", "analog photo": "photo",
+                 "long exposure": "photo", "double exposure": "photo", "bokeh": "photo"}
 _STYLE_WORDS = sorted(STYLE_PHRASES, key=lambda s: -len(s.split()))
 # Words that widen a style phrase to what the user wrote ("food photography", "watercolor painting").
 _STYLE_LEFT = frozenset({"food", "product", "beauty", "fashion", "street", "wildlife", "portrait", "fantasy",
@@ -91,6 +96,12 @@ def read_scene(text: str) -> Scene:
     _attach_worn(doc, phrases, by_head)
     linking.link(doc, phrases, scene)
     _global_style(doc, words, styles, phrases, scene)
+    if scene.global_style is None:
+        # quality and camera tags are not read for objects, but "octane render" or "RAW photo" is a style
+        raw = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", strip_weights(text).lower())
+        for _start, (_end, style) in sorted(_style_spans(raw).items()):
+            scene.global_style = style
+            break
     _relations(doc, words, phrases, by_head, scene)
     _predicates(doc, phrases, by_head, scene)
     _descriptions(doc, phrases, scene)
@@ -106,13 +117,26 @@ def read_scene(text: str) -> Scene:
 
 
 def _verb_read_as_noun(doc: Any, i: int) -> bool:
-    """"A red lighter rests atop a desk": the small model sometimes tags a verb after a noun as a plural noun."""
+    """"A red lighter rests atop a desk", "a crab clings tightly": the small model sometimes tags a verb
+    after a noun as a plural noun."""
     tok = doc[i]
     low = tok.text.lower()
-    if low not in lx.VERBS_3RD or i == 0:
+    if i == 0:
         return False
     nxt = doc[i + 1] if i + 1 < len(doc) else None
-    return nxt is None or nxt.pos_ in ("ADP", "ADV", "DET", "PUNCT", "PART", "SCONJ")
+    before_verb_context = nxt is None or nxt.pos_ in ("ADP", "ADV", "DET", "PUNCT", "PART", "SCONJ", "PRON")
+    if low in lx.VERBS_3RD or low in _VERBS_AFTER_NOUNS:
+        return before_verb_context and doc[i - 1].pos_ in (*_NOUN_POS, "ADJ")
+    return False
+
+
+# Present-tense verbs the small model reads as plural nouns after a noun ("a crab clings tightly").
+_VERBS_AFTER_NOUNS = frozenset({
+    "clings", "perches", "sparkles", "gleams", "looms", "dangles", "lounges", "basks", "wanders", "roams",
+    "drifts", "flows", "reflects", "casts", "catches", "features", "displays", "contains", "boasts", "shows",
+    "adds", "sways", "bobs", "blooms", "spills", "pours", "drips", "glistens", "shimmers", "twinkles",
+    "nestles", "sprawls", "rests", "sits", "stands", "lies", "hangs", "floats", "leans", "glows", "shines",
+    "hovers", "peeks", "towers", "stretches", "rises", "grazes", "sleeps", "waits", "swims", "gazes"})
 
 
 def _noun_read_as_adjective(doc: Any, i: int) -> bool:
@@ -127,17 +151,30 @@ def _known_noun_mistagged(doc: Any, i: int) -> bool:
     nouns as adjectives or verbs; a known noun after a determiner, number or adjective and before no
     other noun is read as a noun."""
     tok = doc[i]
-    if tok.pos_ not in ("ADJ", "VERB", "ADV") or i == 0:
+    if tok.pos_ not in ("ADJ", "VERB", "ADV"):
         return False
     low = tok.text.lower()
     sing = lx.singular(low)[0]
-    if low not in lx.known_nouns() and sing not in lx.known_nouns():
+    prev = doc[i - 1] if i > 0 else None
+    if tok.pos_ == "VERB" and (tok.tag_ != "VB" or not (prev is None or prev.text in (",", ";", "(", ".")
+                                                        or prev.pos_ == "DET")):
+        return False   # an inflected verb is a verb
+    living = vocabulary.classify(sing) in ("person", "animal") and tok.pos_ == "ADV"
+    if low not in lx.known_nouns() and sing not in lx.known_nouns() and not living:
         return False
-    prev = doc[i - 1]
     nxt = doc[i + 1] if i + 1 < len(doc) else None
-    if nxt is not None and (nxt.pos_ in _NOUN_POS or nxt.pos_ == "ADJ" and nxt.dep_ == "amod"):
+    if nxt is not None and (nxt.pos_ in _NOUN_POS and not _gerund(nxt) or nxt.pos_ == "ADJ" and nxt.dep_ == "amod"):
         return False
+    if low in lx.COLOR_WORDS or low.endswith(("ing", "ed")):
+        return prev is not None and prev.pos_ == "DET"
+    if prev is None or prev.text in (",", ";", "(", ".") or living or low in lx.NOUN_SHAPES:
+        return True   # "knight in silver armor, ...", "castle in the background", "a watercolor hummingbird"
     return prev.pos_ in ("DET", "NUM", "ADJ") or f"{prev.text.lower()} {sing}" in lx.known_nouns()
+
+
+def _gerund(tok: Any) -> bool:
+    low = tok.text.lower()
+    return low.endswith("ing") and vocabulary.wordnet_codes(low) is None
 
 
 def _is_head(doc: Any, i: int) -> bool:
@@ -161,8 +198,9 @@ def _is_head(doc: Any, i: int) -> bool:
         return True    # "a suitcase right of a boat"
     if i + 1 < len(doc):
         nxt = doc[i + 1]
+        gerund = _gerund(nxt)
         if nxt.pos_ in _NOUN_POS and tok.dep_ in ("compound", "amod", "nmod") and tok.head.i > i \
-                and nxt.is_alpha:
+                and nxt.is_alpha and not gerund:
             return False
         if nxt.text == "-" and i + 2 < len(doc) and doc[i + 2].pos_ in _NOUN_POS:
             return False
@@ -200,7 +238,8 @@ def _noun_phrases(doc: Any, words: list[str], styles: dict[int, tuple[int, str]]
         start = i
         while start > 0:
             prev = doc[start - 1]
-            if f"{prev.text.lower()} {lx.singular(doc[start].text.lower())[0]}" in lx.known_nouns():
+            if f"{prev.text.lower()} {lx.singular(doc[start].text.lower())[0]}" in lx.known_nouns() or \
+                    (start - 1) in style_tokens:
                 start -= 1
                 continue
             if prev.pos_ in _PHRASE_POS or prev.text == "-" or (prev.pos_ == "VERB" and prev.tag_ in ("VBN", "VBG")
@@ -379,6 +418,8 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
                                                                     or head_word in ("roll", "sheet", "stick")):
             if head_word not in lx.PORTION_NOUNS and head_word not in ("roll", "sheet", "stick"):
                 continue   # "a bowl of apples", "a box of chocolates": two things
+            if q.cls not in vocabulary.BOXABLE:
+                q.cls = "thing"   # "five rolls of toilet paper", "a bar of soap"
             q.modifiers = [*p.modifiers, f"{doc[p.head].text} of", *q.modifiers]
             q.count, q.count_explicit = p.count, p.count_explicit
             p.skip = True
