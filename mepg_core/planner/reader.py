@@ -76,6 +76,7 @@ class Phrase:
     style: str | None = None
     size_mult: float = 1.0
     mention: int | None = None      # index into the scene's mentions once linked
+    via_surface: bool = False       # reached as "the surface / top of" it
     owner: int | None = None        # phrase index of the wearer / owner for worn things and parts
     skip: bool = False
 
@@ -660,6 +661,8 @@ def _target_after(doc: Any, phrases: list[Phrase], j: int, limit: int = 6) -> tu
                 # "upon the polished surface of an oak desk", "on the back of the sofa"
                 for q in phrases[k + 1:k + 3]:
                     if q.start - p.head <= 4 and q.mention is not None:
+                        if p.label in _TOP_WORDS:
+                            q.via_surface = True
                         return k, q.mention
             return k, p.mention
         if p.start > j + limit:
@@ -720,6 +723,12 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                 i = end + 1
                 continue
             k, target = _target_after(doc, phrases, end)
+            if target is not None and kind in ("beside", "above", "inside") and words[i] not in ("under", "below",
+                                                                                            "beneath"):
+                via = any(q.via_surface and q.mention == target for q in phrases)
+                if via or (words[i] in ("across", "along", "over", "atop") and _is_surface(
+                        scene.mentions[target].label)):
+                    kind = "on"   # "strewn across the surface of a table"
             if target is not None:
                 subj = _subject_of(tok, doc, phrases, by_head, i, {target})
                 if subj is not None and subj != target:
@@ -797,6 +806,7 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
             rels.append(Relation(kind, s, targets))
 
 
+_TOP_WORDS = frozenset({"surface", "top", "tabletop", "countertop", "face", "lid", "seat", "back", "deck"})
 _SURFACES = frozenset({"table", "dining table", "desk", "shelf", "bed", "couch", "sofa", "tray", "plate",
                        "counter", "coffee table", "nightstand", "stool", "bench", "board", "cutting board",
                        "platter", "dresser", "cabinet", "bookshelf", "windowsill", "mantel", "mantelpiece",
