@@ -50,7 +50,7 @@ def plan_offline(
     width: int = 1024,
     height: int = 1024,
     seed: int = 0,
-    engine: str = "rules",
+    engine: str = "english",
 ) -> Layout:
     """Plan a layout for ``prompt`` with rules only; the same arguments always give the same layout.
 
@@ -182,7 +182,10 @@ def _looks_foreign(text: str, scene: Scene) -> bool:
     non_ascii = sum(1 for ch in letters if not ch.isascii())
     if non_ascii > 0.3 * len(letters):
         return True
-    return scene.word_count >= 3 and scene.known_words < 0.4 * scene.word_count
+    if scene.word_count >= 3 and scene.known_words < 0.4 * scene.word_count:
+        return True
+    # no English function word at all and few English words: "un chat rouge à côté d'un chien"
+    return scene.word_count >= 4 and scene.stop_words == 0 and scene.known_words < 0.7 * scene.word_count
 
 
 def _fallback_layout(global_prompt: str, scene: Scene, canvas: Canvas, foreign: bool) -> Layout:

@@ -53,8 +53,11 @@ _STYLE_LEFT = frozenset({"food", "product", "beauty", "fashion", "street", "wild
 _STYLE_RIGHT = frozenset({"painting", "photography", "photo", "photograph", "style", "art", "illustration",
                           "render", "screenshot", "drawing", "sketch", "aesthetic", "artwork", "print",
                           "design", "shot", "still", "look"})
-_PORTIONS = lx.PORTION_NOUNS | {"roll", "sheet", "stick", "bar", "head", "ear", "clove", "cup", "glass",
-                                "scoop", "spoonful", "handful", "box", "pack", "packet", "carton", "jar", "bottle"}
+_VESSELS = frozenset({"glass", "cup", "mug", "bowl", "bottle", "jar", "plate", "pot", "bucket", "basket", "box",
+                      "bag", "can", "carton", "pitcher", "jug", "vase", "teacup", "tray", "pan", "kettle", "flask",
+                      "barrel", "sack", "tub", "spoon", "ladle"})
+# "a slice of pizza", "five rolls of toilet paper": the portion names how much of the thing there is.
+_PORTIONS = lx.PORTION_NOUNS | {"roll", "sheet", "stick", "bar", "clove", "spoonful", "scoop", "handful"}
 _ORDER = {("from", "left", "to", "right"): False, ("left", "to", "right"): False,
           ("from", "right", "to", "left"): True, ("right", "to", "left"): True}
 
@@ -88,8 +91,9 @@ def read_scene(text: str) -> Scene:
     words = [t.text.lower() for t in doc]
     scene = Scene()
     scene.word_count = sum(1 for t in doc if t.is_alpha)
+    scene.stop_words = sum(1 for t in doc if t.is_alpha and t.is_stop)
     scene.known_words = sum(1 for t in doc if t.is_alpha and (vocabulary.wordnet_codes(t.lemma_.lower())
-                                                              or t.is_stop or t.pos_ in ("ADJ", "ADP")))
+                                                              or t.is_stop or vocabulary.is_not_noun(t.text)))
     styles = _style_spans(words)
     phrases = _noun_phrases(doc, words, styles)
     by_head = {p.head: k for k, p in enumerate(phrases)}
@@ -108,7 +112,8 @@ def read_scene(text: str) -> Scene:
     _descriptions(doc, phrases, scene)
     _drop_spelled_out_groups(doc, scene, phrases)
     _choose_main(doc, scene, phrases)
-    scene.negatives = [p.label for p in phrases if p.negated and p.cls in vocabulary.BOXABLE]
+    scene.negatives = [" ".join(t.text for t in doc[p.start:p.head + 1] if t.pos_ != "DET").lower()
+                       for p in phrases if p.negated and p.cls in vocabulary.BOXABLE]
     scene.scene_words = [p.label for p in phrases if p.cls == "scenery" and not p.negated]
     return scene
 
@@ -157,6 +162,8 @@ def _known_noun_mistagged(doc: Any, i: int) -> bool:
     low = tok.text.lower()
     sing = lx.singular(low)[0]
     prev = doc[i - 1] if i > 0 else None
+    if prev is not None and f"{prev.text.lower()} {sing}" in lx.known_nouns():
+        return True    # "a white stop sign", "a brown teddy bear"
     if tok.pos_ == "VERB" and (tok.tag_ != "VB" or not (prev is None or prev.text in (",", ";", "(", ".")
                                                         or prev.pos_ == "DET")):
         return False   # an inflected verb is a verb
@@ -298,12 +305,12 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
         cls = "abstract"
     if sing in lx.COLOR_WORDS and label == sing and sing not in lx.known_nouns():
         cls = "abstract"
-    if sing in vocabulary.SKY_THINGS and tok.dep_ == "pobj" and label == sing and tok.head.text.lower() == "of":
+    if sing in vocabulary.SKY_THINGS and tok.dep_ == "pobj" and label == sing and tok.head.text.lower() in ("of", "on"):
         cls = "scenery"   # "the glow of the setting sun", "under the moon": light, not a thing to place
-    if cls in ("thing", "person", "animal", "food", "plant", "unknown") and sing in vocabulary.GENERIC:
+    if cls in ("thing", "person", "animal", "food", "plant", "unknown") and label in vocabulary.GENERIC:
         cls = "generic"
     if cls == "unknown":
-        if tok.pos_ == "PROPN" and tok.ent_type_ in ("GPE", "LOC", "FAC", "DATE", "TIME", "NORP", "EVENT"):
+        if tok.pos_ == "PROPN" and tok.ent_type_ in ("GPE", "LOC", "FAC", "DATE", "TIME", "EVENT"):
             cls = "scenery"
         elif tok.ent_type_ in ("CARDINAL", "QUANTITY", "ORDINAL", "PERCENT", "MONEY"):
             cls = "abstract"
@@ -366,6 +373,8 @@ def _number(words: list[str], j: int) -> int | None:
     w = words[j]
     if w == "dozen" and j >= 2 and words[j - 2:j] == ["half", "a"]:
         return 6
+    if j >= 2 and words[j - 1] == "-" and words[j - 2] in lx.NUMBER_WORDS and lx.NUMBER_WORDS[words[j - 2]] >= 20:
+        return None   # the "one" of "twenty-one"
     if w.isdigit():
         return min(int(w[:4]), 1000)
     if w in lx.NUMBER_WORDS:
@@ -415,10 +424,7 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
         elif head_word == "half" and doc[nxt + 1].text.lower() in ("a", "an") and q.label:
             q.count = 6 if doc[q.head - 1].text.lower() == "dozen" else q.count
             p.skip = True
-        elif (head_word in _PORTIONS or p.label in _PORTIONS) and (q.plural or head_word in lx.PORTION_NOUNS
-                                                                    or head_word in ("roll", "sheet", "stick")):
-            if head_word not in lx.PORTION_NOUNS and head_word not in ("roll", "sheet", "stick"):
-                continue   # "a bowl of apples", "a box of chocolates": two things
+        elif head_word in _PORTIONS or p.label in _PORTIONS:
             if q.cls not in vocabulary.BOXABLE:
                 q.cls = "thing"   # "five rolls of toilet paper", "a bar of soap"
             q.modifiers = [*p.modifiers, f"{doc[p.head].text} of", *q.modifiers]
@@ -426,8 +432,9 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
             p.skip = True
         elif p.cls in ("meta", "abstract", "scenery"):
             continue
-        elif p.cls in vocabulary.BOXABLE and q.cls in ("food", "abstract", "scenery", "unknown") and not q.plural:
-            q.skip = True   # "a cup of coffee": the coffee is the cup's words
+        elif p.cls in vocabulary.BOXABLE and not q.plural and (
+                q.cls in ("food", "abstract", "scenery", "unknown") or p.label.split()[-1] in _VESSELS):
+            q.skip = True   # "a cup of coffee", "two glasses of milk": what is in it is the vessel's words
             q.owner = k
         elif p.cls in ("worn", "part") or doc[p.head].lemma_.lower() in vocabulary.WORN:
             p.owner = by_head.get(q.head)   # "the surface of the table", "the bark of a pine"
@@ -629,8 +636,15 @@ def _subject_of(tok: Any, doc: Any, phrases: list[Phrase], by_head: dict[int, in
             return m
         if anc.pos_ in ("VERB", "AUX") or anc.dep_ == "ROOT":
             kids = list(anc.children)
-            if any(c.dep_ == "expl" for c in kids):
-                kids = [c for c in kids if c.dep_ == "attr"] + kids
+            if any(c.dep_ == "expl" for c in kids) or (tok.i < anc.i and not any(
+                    c.dep_ in ("nsubj", "nsubjpass") for c in kids)):
+                # "there is a handbag", "To the right of the tree stands a deer"
+                kids = [c for c in kids if c.dep_ in ("attr", "dobj") and c.i > anc.i] + kids
+                for c in kids:
+                    if c.dep_ in ("attr", "dobj"):
+                        m = _mention_of_token(c, phrases, by_head)
+                        if m is not None and m not in exclude:
+                            return m
             for c in kids:
                 if c.dep_ in ("nsubj", "nsubjpass", "expl", "attr"):
                     m = _mention_of_token(c, phrases, by_head)
@@ -673,6 +687,7 @@ def _target_after(doc: Any, phrases: list[Phrase], j: int, limit: int = 6) -> tu
 def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[int, int], scene: Scene) -> None:
     rels: list[Relation] = []
     n = len(words)
+    hits = tuple(j for j in range(n) if match_relation(words, j))
     i = 0
     while i < n:
         tok = doc[i]
@@ -711,7 +726,7 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
             rels += [Relation("left", a, (b,)) for a, b in zip(ms, ms[1:])]
             i += 3
             continue
-        hit = match_relation(words, i) if tok.pos_ in ("ADP", "ADV", "SCONJ", "ADJ", "NOUN", "VERB") else None
+        hit = match_relation(words, i) if tok.pos_ != "PUNCT" else None
         if hit is not None:
             kind, end = hit
             if end < n and words[end] in ("it", "them", "him", "her", "itself", "themselves"):
@@ -719,7 +734,7 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                 subj = _subject_of(tok, doc, phrases, by_head, i, set())
                 target = linking.last_mention_before(phrases, i, {subj} if subj is not None else set())
                 if subj is not None and target is not None and subj != target:
-                    _add_relation(rels, scene, kind, subj, (target,), phrases, doc, by_head)
+                    _add_relation(rels, scene, kind, subj, (target,), phrases, doc, by_head, i, hits)
                 i = end + 1
                 continue
             k, target = _target_after(doc, phrases, end)
@@ -737,7 +752,7 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                         second = _conj_mention(doc, phrases, by_head, phrases[k])
                         if second is not None and second != target:
                             targets.append(second)
-                    _add_relation(rels, scene, kind, subj, tuple(targets), phrases, doc, by_head)
+                    _add_relation(rels, scene, kind, subj, tuple(targets), phrases, doc, by_head, i, hits)
             elif kind in ("inside", "on") and k is not None:
                 _scenery_place(scene, phrases[k], _subject_of(tok, doc, phrases, by_head, i, set()), kind)
             i = end
@@ -774,7 +789,8 @@ def _conj_mention(doc: Any, phrases: list[Phrase], by_head: dict[int, int], p: P
 
 
 def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targets: tuple[int, ...],
-                  phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> None:
+                  phrases: list[Phrase], doc: Any, by_head: dict[int, int], at: int = -1,
+                  hits: tuple[int, ...] = ()) -> None:
     if kind == "with":
         target = targets[0]
         holder, content = scene.mentions[subj], scene.mentions[target]
@@ -800,7 +816,8 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
     if kind == "inside" and scene.mentions[targets[0]].label not in lx.CONTAINER_NOUNS and \
             scene.mentions[targets[0]].kind in ("person", "animal"):
         kind = "beside"
-    subjects = [subj, *_conj_subjects(subj, phrases, doc, by_head)]
+    subjects = [subj, *[c for c in _conj_subjects(subj, phrases, doc, by_head)
+                        if _shares(c, at, hits, phrases)]]
     for s in subjects:
         if s not in targets:
             rels.append(Relation(kind, s, targets))
@@ -811,6 +828,14 @@ _SURFACES = frozenset({"table", "dining table", "desk", "shelf", "bed", "couch",
                        "counter", "coffee table", "nightstand", "stool", "bench", "board", "cutting board",
                        "platter", "dresser", "cabinet", "bookshelf", "windowsill", "mantel", "mantelpiece",
                        "workbench", "altar", "pedestal", "stand", "table top", "countertop"})
+
+
+def _shares(conj: int, at: int, hits: tuple[int, ...], phrases: list[Phrase]) -> bool:
+    """"a cat and a dog on a sofa": both are on it; "a bird above a tree, and a dog below it": each has its own."""
+    if at < 0:
+        return True
+    pos = _phrase_head_of(phrases, conj)
+    return pos < at and not any(pos < h < at for h in hits)
 
 
 def _phrase_head_of(phrases: list[Phrase], mention: int) -> int:
@@ -835,9 +860,20 @@ def _conj_subjects(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int
     return out
 
 
+def _verb_lemma(verb: Any, *sets: frozenset) -> str:
+    """The verb's lemma, checked against its written form too ("riding" -> ride when lemmatised "rid")."""
+    low = verb.text.lower()
+    forms = [verb.lemma_.lower(), low, low[:-3], low[:-3] + "e", low[:-1], low[:-2], low[:-4] if low.endswith(
+        ("dding", "gging", "nning", "pping", "tting")) else low]
+    for f in forms:
+        if any(f in st for st in sets):
+            return f
+    return forms[0]
+
+
 def _verb_relation(verb: Any, doc: Any, phrases: list[Phrase], by_head: dict[int, int], rels: list[Relation],
                    scene: Scene) -> None:
-    lemma = verb.lemma_.lower()
+    lemma = _verb_lemma(verb, HOLD_VERBS, RIDE_VERBS, WEAR_VERBS, _SUPPORT_VERBS)
     objs = [c for c in verb.children if c.dep_ in ("dobj", "obj")]
     if not objs:
         return
@@ -992,7 +1028,9 @@ def _descriptions(doc: Any, phrases: list[Phrase], scene: Scene) -> None:
             words = None
             if child.dep_ in ("acl", "relcl") and child.lemma_.lower() in _DESCRIBING_VERBS:
                 words = [t.text for t in child.subtree][:8]
-            elif child.dep_ in ("appos", "amod") and any(t.text.lower() in lx.COLOR_WORDS for t in child.subtree):
+            elif child.dep_ in ("appos", "amod") and any(t.text.lower() in lx.COLOR_WORDS for t in child.subtree) \
+                    and not any(q.mention is not None and q.mention != p.mention and child.i <= q.head <=
+                                max(t.i for t in child.subtree) for q in phrases):
                 words = [t.text for t in child.subtree if t.dep_ != "punct"][:8]
             if words and len(" ".join(m.post).split()) < 16:
                 text = " ".join(words)
