@@ -57,9 +57,9 @@ def plan_offline(
     ``max_regions`` caps the number of regions (instances beyond it are dropped, later objects first
     once every object has one); ``width``/``height`` are the canvas in pixels (boxes keep believable
     aspect ratios on it); ``seed`` 0 gives the canonical layout, any other seed jitters sizes and
-    positions reproducibly. ``engine`` picks the reading: ``"rules"`` (word rules tuned on GenEval-like
-    prompts; the default for now) or ``"english"`` (a real English parse with spaCy, :mod:`.reader`,
-    and the composition arranger, :mod:`.compose`; for prompts as people write them). Raises
+    positions reproducibly. ``engine`` picks the reading: ``"english"`` (the default: a real English parse with
+    spaCy, :mod:`.reader`, and the composition arranger, :mod:`.compose`) or ``"rules"`` (the earlier
+    word rules and constraint grid, kept for comparison). Raises
     ``ValueError`` for an empty prompt or bad arguments, :class:`.reading.EnglishPipelineMissing` when the
     English engine's pipeline is not installed.
     """
