@@ -309,13 +309,9 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
         cls = "scenery"   # "the glow of the setting sun", "under the moon": light, not a thing to place
     if cls in ("thing", "person", "animal", "food", "plant", "unknown") and label in vocabulary.GENERIC:
         cls = "generic"
-    if cls == "unknown":
-        if tok.pos_ == "PROPN" and tok.ent_type_ in ("GPE", "LOC", "FAC", "DATE", "TIME", "EVENT"):
-            cls = "scenery"
-        elif tok.ent_type_ in ("CARDINAL", "QUANTITY", "ORDINAL", "PERCENT", "MONEY"):
-            cls = "abstract"
-        elif tok.pos_ == "PROPN" and tok.ent_type_ == "PERSON":
-            cls = "person"
+    if cls == "unknown" and tok.pos_ == "PROPN" and start > 0 and \
+            words[start - 1] in ("in", "at", "over", "across", "from", "near", "of", "above", "around", "through"):
+        cls = "scenery"   # "over Cappadocia", "in San Francisco": a place
     if tok.pos_ == "PROPN" and _after_artist_words(words, start):
         cls = "meta"   # "in the style of Van Gogh", "inspired by Salvador Dali": a name, not a thing
     p = Phrase(start=start, head=head, label=label, cls=cls, plural=plural)
@@ -556,25 +552,30 @@ def _syntactic_owner(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) -
 # Styles
 
 
+_STYLE_INDEX: dict[str, list[list[str]]] = {}
+for _phrase in _STYLE_WORDS:
+    _STYLE_INDEX.setdefault(_phrase.split()[0], []).append(_phrase.split())
+    if "-" in _phrase and " " not in _phrase:
+        _STYLE_INDEX.setdefault(_phrase.split("-")[0], []).append(_phrase.replace("-", " - ").split())
+
+
 def _style_spans(words: list[str]) -> dict[int, tuple[int, str]]:
     """start -> (end, style as written) for every style phrase in the words ("pixel art", "food
     photography", "watercolor painting"); :func:`mepg_core.styles.canonical_style` maps them to tags."""
     spans: dict[int, tuple[int, str]] = {}
     i = 0
     while i < len(words):
-        for phrase in _STYLE_WORDS:
-            parts = phrase.split()
-            if words[i:i + len(parts)] == parts or (len(parts) == 1 and "-" in phrase and
-                                                     "".join(words[i:i + 3]) == phrase):
-                n = len(parts) if words[i:i + len(parts)] == parts else 3
-                s, e = i, i + n
-                while s > 0 and words[s - 1] in _STYLE_LEFT and s - 1 not in spans:
-                    s -= 1
-                while e < len(words) and words[e] in _STYLE_RIGHT:
-                    e += 1
-                spans[s] = (e, " ".join(words[s:e]).replace(" - ", "-"))
-                i = e - 1
-                break
+        for parts in _STYLE_INDEX.get(words[i], ()):
+            if words[i:i + len(parts)] != parts:
+                continue
+            s, e = i, i + len(parts)
+            while s > 0 and words[s - 1] in _STYLE_LEFT and s - 1 not in spans:
+                s -= 1
+            while e < len(words) and words[e] in _STYLE_RIGHT:
+                e += 1
+            spans[s] = (e, " ".join(words[s:e]).replace(" - ", "-"))
+            i = e - 1
+            break
         i += 1
     return spans
 
