@@ -80,6 +80,7 @@ class Phrase:
     size_mult: float = 1.0
     mention: int | None = None      # index into the scene's mentions once linked
     via_surface: bool = False       # reached as "the surface / top of" it
+    alias_of: int | None = None     # "a school of fish": the phrase that names the things
     owner: int | None = None        # phrase index of the wearer / owner for worn things and parts
     skip: bool = False
 
@@ -400,10 +401,11 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
         nxt = p.head + 1
         if nxt >= len(doc) or doc[nxt].text.lower() != "of":
             continue
-        later = [q for q in phrases[k + 1:] if q.start > nxt][:1]
-        if not later or later[0].start - nxt > 4:
+        later = [j for j in range(k + 1, len(phrases)) if phrases[j].start > nxt][:1]
+        if not later or phrases[later[0]].start - nxt > 4:
             continue
-        q = later[0]
+        later_index = later[0]
+        q = phrases[later_index]
         head_word = doc[p.head].text.lower()
         if head_word in lx.COLLECTIVE_NOUNS or p.label in lx.COLLECTIVE_NOUNS:
             value = lx.COLLECTIVE_NOUNS.get(head_word, lx.COLLECTIVE_NOUNS.get(p.label, 3))
@@ -417,6 +419,7 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
                 q.count, q.count_explicit = 1, True
             q.negated = q.negated or p.negated
             p.skip = True
+            p.alias_of = later_index
         elif head_word == "half" and doc[nxt + 1].text.lower() in ("a", "an") and q.label:
             q.count = 6 if doc[q.head - 1].text.lower() == "dozen" else q.count
             p.skip = True
@@ -620,6 +623,8 @@ def _mention_of_token(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) 
     p = phrases[k]
     if p.mention is not None:
         return p.mention
+    if p.alias_of is not None:
+        return phrases[p.alias_of].mention
     if p.owner is not None and phrases[p.owner].mention is not None:
         return phrases[p.owner].mention
     return None
@@ -712,11 +717,24 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
         place = _absolute_place(words, i)
         if place is not None:
             axis, value, end = place
-            subj = _subject_of(tok, doc, phrases, by_head, i, set())
+            subj = None
+            if i == 0 or words[i - 1] in (",", ":", ";", ".", "-"):
+                # "on the left a watercolor fox": the place comes first in its part of the prompt
+                subj = _first_mention_in_chunk(doc, phrases, end)
+            if subj is None:
+                subj = _subject_of(tok, doc, phrases, by_head, i, set())
             if subj is not None:
-                _set_place(scene.mentions[subj], axis, value)
+                for s_ in [subj, *[c for c in _conj_subjects(subj, phrases, doc, by_head)
+                                   if _shares(c, i, hits, phrases)]]:
+                    _set_place(scene.mentions[s_], axis, value)
             i = end
             continue
+        if words[i] in ("overhead", "aloft", "skyward", "airborne") or words[i:i + 2] in (["high", "above"],
+                                                                                        ["high", "up"]):
+            subj = _subject_of(tok, doc, phrases, by_head, i, set())
+            if subj is not None and scene.mentions[subj].hint_y is None and (
+                    words[i] != "high" or not _target_after(doc, phrases, i + 2, 3)[1]):
+                scene.mentions[subj].hint_y = 0   # "seagulls overhead", "mounted high up on the wall"
         order = next((rev for ph, rev in _ORDER.items() if tuple(words[i:i + len(ph)]) == ph), None)
         if order is not None:
             ms = [p.mention for p in phrases if p.mention is not None and p.head < i and
@@ -756,6 +774,12 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                     _add_relation(rels, scene, kind, subj, tuple(targets), phrases, doc, by_head, i, hits)
             elif kind in ("inside", "on") and k is not None:
                 _scenery_place(scene, phrases[k], _subject_of(tok, doc, phrases, by_head, i, set()), kind)
+            elif kind == "between" and words[i:i + 3] in (["in", "the", "middle"], ["in", "the", "center"],
+                                                           ["in", "the", "centre"], ["at", "the", "center"]):
+                subj = _subject_of(tok, doc, phrases, by_head, i, set())   # "in the middle of the ballroom"
+                if subj is not None:
+                    for s_ in [subj, *_conj_subjects(subj, phrases, doc, by_head)]:
+                        _set_place(scene.mentions[s_], "c", 1)
             i = end
             continue
         if tok.pos_ == "VERB":
@@ -775,6 +799,19 @@ def _holder_of(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, in
             if m is not None and m != subj:
                 return m
         return linking.last_mention_before(phrases, p.start, {subj})
+    return None
+
+
+def _first_mention_in_chunk(doc: Any, phrases: list[Phrase], start: int) -> int | None:
+    for p in phrases:
+        if p.head < start:
+            continue
+        if any(doc[x].text in (",", ";", ":", ".") for x in range(start, p.head)):
+            return None
+        m = p.mention if p.mention is not None else (phrases[p.alias_of].mention if p.alias_of is not None
+                                                     else None)
+        if m is not None:
+            return m
     return None
 
 
