@@ -227,8 +227,11 @@ def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tin
     assert {p.region_index for p, _, _ in local} == {0, 1}
     for p, ctx, _ in local:
         route = ctx.routes[0]
-        want = stack_.expert_index("watercolor") if p.region_index == 0 else stack_.expert_index("photo")
-        assert route.kind == "forced" and route.expert == want
+        if p.region_index == 0:  # a style: a prior on the gate, allowing only the watercolor expert
+            want = [1.0 if i == stack_.expert_index("watercolor") else 0.0 for i in range(stack_.num_experts)]
+            assert route.kind == "prior" and list(route.weights) == want
+        else:  # a forced expert stays forced
+            assert route.kind == "forced" and route.expert == stack_.expert_index("photo")
         assert ctx.row_region.tolist() == [0] * ctx.batch_size
     glob = [(p, c, hw) for p, c, hw in seen if p is not None and p.kind == "global"]
     assert glob, "the global phase was not announced"
