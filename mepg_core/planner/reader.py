@@ -453,6 +453,11 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
         if p.skip or p.owner is not None:
             continue
         tok = doc[p.head]
+        if p.cls not in ("person", "animal") and tok.head.text.lower() in ("of", "in", "with") and \
+                _verb_lemma(tok.head.head, _DESCRIBING_VERBS) in _DESCRIBING_VERBS and \
+                tok.head.head.dep_ in ("acl", "relcl", "amod", "advcl") and tok.head.head.i > 0:
+            p.skip = True   # "a bed covered in white linen", "a dragon made of autumn leaves": its looks
+            continue
         owner = _possessor(tok, phrases, by_head, conj=p.cls in ("worn", "part")) \
             if p.cls not in ("person", "animal") else None
         if owner is None and p.cls in ("worn", "part"):
@@ -1048,7 +1053,8 @@ def _drop_spelled_out_groups(doc: Any, scene: Scene, phrases: list[Phrase]) -> N
             p.mention = None
 
 
-_DESCRIBING_VERBS = frozenset({"paint", "make", "cover", "dress", "carve", "craft", "color", "colour", "adorn",
+_DESCRIBING_VERBS = frozenset({"paint", "make", "cover", "dress", "carve", "craft", "color", "colour", "adorn", "drape",
+                               "dust", "sculpt", "mold", "mould", "form", "fashion", "construct",
                                "decorate", "coat", "dye", "clad", "trim", "wrap", "upholster", "tint", "build",
                                "forge", "sculpt", "knit", "weave", "stitch", "finish", "glaze", "shade"})
 
