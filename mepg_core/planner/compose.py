@@ -23,7 +23,7 @@ from .scene import Mention, Relation
 
 FRAME = 1000.0
 EDGE = 24.0             # layout units kept free at the canvas edge
-SIZE_EXPONENT = 0.45    # compress real sizes
+SIZE_EXPONENT = 0.6     # compress real sizes (a cup beside a bus stays visible; a ball stays small by a dog)
 GROUND = 880.0          # bottom of things standing in the middle distance
 GROUND_NEAR = 960.0     # foreground
 GROUND_FAR = 620.0      # background
@@ -121,7 +121,7 @@ def _size(groups: dict[int, Group], width: int, height: int, rng: random.Random 
         size, _ = lx.noun_shape(g.mention.label)
         depth = {0: 0.6, 2: 1.15}.get(g.mention.depth, 1.0)
         vis[i] = (size ** SIZE_EXPONENT) * g.mention.size_mult * depth
-    top = max((vis[i] for i, g in groups.items() if g.parent is None), default=1.0)
+    top = max(vis.values(), default=1.0)   # the biggest thing sets the scale, wherever it hangs in the tree
     for i, g in groups.items():
         m = g.mention
         _, aspect = lx.noun_shape(m.label)
@@ -137,6 +137,16 @@ def _size(groups: dict[int, Group], width: int, height: int, rng: random.Random 
             long *= max(0.32, 1.25 / (n ** 0.5))
         w, h = (long, long / aspect) if aspect >= 1 else (long * aspect, long)
         g.w, g.h = w, h
+    # A main subject resting on or held in something makes its support big enough to show it.
+    for g in groups.values():
+        if g.parent is None or not g.mention.main or g.how not in ("on", "inside"):
+            continue
+        p = groups[g.parent]
+        bw, _, _, _ = g.block()
+        need = bw / (0.45 if g.how == "on" else 0.62)
+        if p.w < need:
+            grow = min(need / p.w, 0.92 * FRAME / p.w, 0.92 * FRAME / p.h)
+            p.w, p.h = p.w * max(1.0, grow), p.h * max(1.0, grow)
     # Children keep to their parent's scale.
     for g in groups.values():
         if g.parent is None:
@@ -149,7 +159,7 @@ def _size(groups: dict[int, Group], width: int, height: int, rng: random.Random 
             shrink = min(1.0, limit * p.w / bw, (limit * p.h / bh) if g.how in ("inside", "under", "holding")
                          else 1.0)
             if g.how == "on":
-                shrink = min(shrink, 0.9 * p.h / bh * 1.4, 0.45 * p.w / bw)
+                shrink = min(shrink, 0.9 * p.h / bh * 1.4, (0.45 if g.mention.count == 1 else 0.35) * p.w / bw)
             g.w, g.h = g.w * shrink, g.h * shrink
 
 
@@ -253,7 +263,7 @@ def _place_children(groups: dict[int, Group], i: int) -> None:
         if how in ("on", "inside"):
             n_slots = len(on_kids)
             # side by side near the middle of the support, so each stays clearly on (above) it
-            cx = pcx + (on_slot - (n_slots - 1) / 2) * (0.32 * pw / max(1, n_slots - 1))
+            cx = pcx + (on_slot - (n_slots - 1) / 2) * (0.22 * pw / max(1, n_slots - 1))
             on_slot += 1
             if how == "on":
                 # resting on the top surface, drawn a little over its edge
@@ -364,7 +374,7 @@ def _honour_places(groups: dict[int, Group]) -> None:
 
 MAIN_MIN_AREA = 0.06 * FRAME * FRAME
 OTHER_MAIN_MIN_AREA = 0.06 * FRAME * FRAME
-SEEN_MIN_AREA = 0.045 * FRAME * FRAME   # in a scene of a few things, each is drawn big enough to see
+SEEN_MIN_AREA = 0.0   # other things keep their real-world size
 
 
 def _depth(groups: dict[int, Group], g: Group) -> int:

@@ -207,7 +207,7 @@ def _is_head(doc: Any, i: int) -> bool:
         return True    # "a suitcase right of a boat"
     if i + 1 < len(doc):
         nxt = doc[i + 1]
-        gerund = _gerund(nxt)
+        gerund = _gerund(nxt) or _verb_read_as_noun(doc, i + 1)
         if nxt.pos_ in _NOUN_POS and tok.dep_ in ("compound", "amod", "nmod") and tok.head.i > i \
                 and nxt.is_alpha and not gerund:
             return False
@@ -306,7 +306,8 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
         cls = "abstract"
     if sing in lx.COLOR_WORDS and label == sing and sing not in lx.known_nouns():
         cls = "abstract"
-    if sing in vocabulary.SKY_THINGS and tok.dep_ == "pobj" and label == sing and tok.head.text.lower() in ("of", "on"):
+    if sing in vocabulary.SKY_THINGS and label == sing and (
+            tok.dep_ == "pobj" and tok.head.text.lower() in ("of", "on") or tok.dep_ == "poss"):
         cls = "scenery"   # "the glow of the setting sun", "under the moon": light, not a thing to place
     if cls in ("thing", "person", "animal", "food", "plant", "unknown") and label in vocabulary.GENERIC:
         cls = "generic"
@@ -514,7 +515,7 @@ def _possessor(tok: Any, phrases: list[Phrase], by_head: dict[int, int], any_kin
             if child.i in by_head:
                 return by_head[child.i]
             if child.text.lower() in ("its", "their", "his", "her") and not any_kind:
-                return _nearest_before(phrases, tok.i)
+                return _salient_before(phrases, tok.i, tok.doc)
     # conj of an owned part ("its green flesh and brown pit")
     if conj and tok.dep_ == "conj" and tok.head.i in by_head:
         owner = phrases[by_head[tok.head.i]].owner
@@ -529,6 +530,20 @@ def _nearest_before(phrases: list[Phrase], pos: int) -> int | None:
         if q.head < pos and not q.skip and q.cls in vocabulary.BOXABLE:
             return j
     return None
+
+
+def _salient_before(phrases: list[Phrase], pos: int, doc: Any) -> int | None:
+    """What "its" refers to: the subject of its sentence if that is a thing, else the first thing of the
+    prompt if it came earlier, else the nearest thing before."""
+    sent = doc[pos].sent
+    for j, q in enumerate(phrases):
+        if q.head < pos and not q.skip and q.cls in vocabulary.BOXABLE and doc[q.head].sent == sent and \
+                doc[q.head].dep_ in ("nsubj", "nsubjpass"):
+            return j
+    firsts = [j for j, q in enumerate(phrases) if q.head < pos and not q.skip and q.cls in vocabulary.BOXABLE]
+    if firsts and doc[phrases[firsts[0]].head].sent != sent:
+        return firsts[0]
+    return _nearest_before(phrases, pos)
 
 
 def _syntactic_owner(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) -> int | None:
@@ -551,6 +566,10 @@ def _syntactic_owner(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) -
                     return by_head[subj[0].i]
                 if anc.dep_ in ("acl", "relcl") and anc.head.i in by_head:
                     return by_head[anc.head.i]
+                if anc.lemma_.lower() in WEAR_VERBS:   # "an old sailor ..., wearing a navy cap"
+                    people = [j for j, q in enumerate(phrases) if q.head < anc.i and q.cls in ("person", "animal")
+                              and not q.skip]
+                    return people[-1] if people else None
             return None
         via, anc = anc, anc.head
     return None
@@ -1073,6 +1092,7 @@ def _descriptions(doc: Any, phrases: list[Phrase], scene: Scene) -> None:
             if child.dep_ in ("acl", "relcl") and child.lemma_.lower() in _DESCRIBING_VERBS:
                 words = [t.text for t in child.subtree][:8]
             elif child.dep_ in ("appos", "amod") and any(t.text.lower() in lx.COLOR_WORDS for t in child.subtree) \
+                    and child.text.lower() not in ("one", "other", "ones", "others") \
                     and not any(q.mention is not None and q.mention != p.mention and child.i <= q.head <=
                                 max(t.i for t in child.subtree) for q in phrases):
                 words = [t.text for t in child.subtree if t.dep_ != "punct"][:8]
@@ -1095,9 +1115,8 @@ def _choose_main(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
         tok = doc[p.head]
         if tok.sent != first_sent:
             continue
-        if tok.dep_ in ("nsubj", "nsubjpass", "ROOT", "dobj", "attr", "appos", "npadvmod") or \
-                (tok.dep_ == "conj" and doc[tok.head.i].dep_ in ("nsubj", "ROOT", "dobj", "pobj", "appos")) or \
-                p.head - first_sent.start < 10:
+        if tok.dep_ in ("nsubj", "nsubjpass", "ROOT", "attr", "appos", "npadvmod") or \
+                (tok.dep_ == "conj" and doc[tok.head.i].dep_ in ("nsubj", "ROOT", "dobj", "pobj", "appos")):
             scene.mentions[p.mention].main = True
     for m in scene.mentions[1:4]:
         if m.kind in ("person", "animal"):
