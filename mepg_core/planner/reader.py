@@ -1075,7 +1075,7 @@ def _drop_spelled_out_groups(doc: Any, scene: Scene, phrases: list[Phrase]) -> N
 _DESCRIBING_VERBS = frozenset({"paint", "make", "cover", "dress", "carve", "craft", "color", "colour", "adorn", "drape",
                                "dust", "sculpt", "mold", "mould", "form", "fashion", "construct",
                                "decorate", "coat", "dye", "clad", "trim", "wrap", "upholster", "tint", "build",
-                               "forge", "sculpt", "knit", "weave", "stitch", "finish", "glaze", "shade"})
+                               "forge", "knit", "weave", "stitch", "finish", "glaze", "shade"})
 
 
 def _descriptions(doc: Any, phrases: list[Phrase], scene: Scene) -> None:
