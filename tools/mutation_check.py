@@ -9,7 +9,8 @@ The copy holds the checkout's tracked and unignored files; its ``.host`` links t
 tiny-model fixtures and gets its own ComfyUI base directories, so the checkout itself is never touched
 (tests may run in it meanwhile). Each bug is a text replacement that must match exactly once (a bug
 whose code has moved is reported, never silently skipped). First the unmutated copy must pass the
-selected tests; then for each bug the tiers run in order (unit, then contract) with ``-x`` and stop at the
+selected tests (by default the unit tier and the pack loading from the copy; ``--full-baseline`` for
+every tier); then for each bug the tiers run in order (unit, then contract) with ``-x`` and stop at the
 first failing test: that test is the bug's killer. A bug no test fails is ``SURVIVED`` and the exit
 status is 1. Costs on a 2-core machine: about 1 min per bug killed in the unit tier, a few minutes for
 one the contract tier must kill.
@@ -34,6 +35,9 @@ UNIT = ["tests/unit/test_cross_denoise.py", "tests/unit/test_gating.py", "tests/
 CONTRACT = ["tests/contract/test_method_parts.py", "tests/contract/test_cross_denoise.py",
             "tests/contract/test_moe_patch.py",
             "tests/contract/test_gate_training.py::test_gate_learns_a_spatially_varying_teacher"]
+# The default baseline: the unit tier, and the pack loading in ComfyUI from the copy (the contract tier in
+# full takes long on a small machine; --full-baseline runs it).
+SMOKE = ["tests/contract/test_pack_loads.py"]
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,9 @@ def copy_checkout(dest: Path) -> None:
         (dest / ".host" / shared).symlink_to(ROOT / ".host" / shared, target_is_directory=True)
 
 
-def run_tests(copy: Path, tests: list[str], stop_first: bool) -> tuple[bool, str, float]:
-    """(passed, first failing test or a tail of the output, seconds)."""
+def run_tests(copy: Path, tests: list[str], stop_first: bool, why: bool = False) -> tuple[bool, str, float]:
+    """(passed, first failing test or a tail of the output, seconds); ``why``: with the first ``E`` line of
+    pytest's report (the assertion and the values it saw)."""
     cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests]
     if stop_first:
         cmd.insert(4, "-x")
@@ -125,7 +130,10 @@ def run_tests(copy: Path, tests: list[str], stop_first: bool) -> tuple[bool, str
     if done.returncode == 0:
         return True, "", seconds
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M)
-    return False, failed[0] if failed else (done.stdout + done.stderr)[-400:], seconds
+    if not failed:
+        return False, (done.stdout + done.stderr)[-400:], seconds
+    reason = re.search(r"^E +(.+)$", done.stdout, re.M)
+    return False, failed[0] + (f" [{reason.group(1)[:300]}]" if why and reason else ""), seconds
 
 
 def plant(copy: Path, bug: Bug) -> str:
@@ -143,6 +151,9 @@ def main() -> int:
     ap.add_argument("--tests", nargs="*", help="test files / node ids to run instead of the two tiers")
     ap.add_argument("--keep-going", action="store_true", help="run every selected test (no -x): all killers")
     ap.add_argument("--skip-baseline", action="store_true", help="do not first check that the copy passes")
+    ap.add_argument("--why", action="store_true", help="add the killing assertion's first line to each row")
+    ap.add_argument("--full-baseline", action="store_true",
+                    help="the baseline runs every selected tier (default: the unit tier and the pack loading)")
     a = ap.parse_args()
     bugs = [b for b in BUGS if not a.only or b.name in a.only]
     tiers = [a.tests] if a.tests else [UNIT, CONTRACT]
@@ -151,7 +162,7 @@ def main() -> int:
         copy = Path(tmp)
         copy_checkout(copy)
         if not a.skip_baseline:
-            for tier in tiers:
+            for tier in tiers if a.full_baseline or a.tests else [UNIT, SMOKE]:
                 ok, detail, seconds = run_tests(copy, tier, stop_first=True)
                 print(f"baseline {' '.join(tier)}: {'passed' if ok else 'FAILED ' + detail} ({seconds:.0f} s)",
                       flush=True)
@@ -162,7 +173,7 @@ def main() -> int:
             killer, seconds = None, 0.0
             try:
                 for tier in tiers:
-                    ok, detail, dt = run_tests(copy, tier, stop_first=not a.keep_going)
+                    ok, detail, dt = run_tests(copy, tier, stop_first=not a.keep_going, why=a.why)
                     seconds += dt
                     if not ok:
                         killer = detail

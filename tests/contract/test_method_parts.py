@@ -58,6 +58,73 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+# ---------------------------------------------------------------------------------------------- routing
+
+
+SITE_SUFFIXES = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".ff")
+
+
+class _ReferenceSite(nn.Module):
+    """``w_base · base(x) + w_anime · anime(x)`` per token: tokens of the region's cells on the anime
+    expert alone, every other token (and text tokens) half and half. Built from the two checkpoints'
+    own modules; knows nothing of the pack."""
+
+    def __init__(self, base_module, anime_module, spatial: bool, inside: torch.Tensor):
+        super().__init__()
+        self.base_module, self.anime_module, self.spatial, self.inside = base_module, anime_module, spatial, inside
+
+    def forward(self, x, *args, **kwargs):
+        b, a = self.base_module(x, *args, **kwargs), self.anime_module(x, *args, **kwargs)
+        w_anime = torch.full((x.shape[1],), 0.5)
+        if self.spatial:
+            h, w = self.inside.shape
+            f = 1
+            while -(-h // f) * -(-w // f) != x.shape[1]:
+                f *= 2
+            w_anime = torch.where(self.inside[::f, ::f].reshape(-1), 1.0, 0.5)
+        w_anime = w_anime.to(x)[None, :, None]
+        return (1 - w_anime) * b + w_anime * a
+
+
+def test_global_steps_route_a_regions_tokens_to_its_expert(comfy, env, tiny_checkpoints):
+    """Bias mode, global_region_bias 1, uniform gates, every step global (p1 = 0), a region on the left half
+    forced to 'anime': the region's tokens must be the anime expert's alone and the rest half base, half
+    anime. The reference is the base checkpoint with every q/k/v and FF module replaced by that per-token
+    mix of the base's and the anime checkpoint's own modules, run by a plain KSampler.
+
+    Planted bug this kills: global steps that ignore each region's own experts (a prior of ones: the
+    region's tokens get the uniform mix)."""
+    regs = regions(comfy, env, ("cat", "a black cat", [0, 0, 500, 1000], {"expert": "anime"}))
+    stack = comfy.node("MEPG_ExpertStackLoader").execute(tiny_checkpoints["anime"].name, "anime", "anime").args[0]
+    moe = comfy.node("MEPG_GatedMoEPatch").execute(env["base"], stack, True, "uniform", "none", "", 0, True, 1.0,
+                                                   1.0).args[0]
+    got = cross(comfy, env, moe, regs, steps=3, p1=0.0, global_phase="bias")
+
+    import comfy.model_management as mm
+
+    inside = torch.zeros(H // 8, W // 8, dtype=torch.bool)
+    inside[:, : W // 16] = True
+    ref_model = env["base"].clone()
+    mm.unload_all_models()  # a MoE patch left applied on the shared base model would hide its own modules
+    base_net, anime_net = env["base"].model.diffusion_model, env["anime"].model.diffusion_model
+    anime_modules = dict(anime_net.named_modules())
+    count = 0
+    for path, module in base_net.named_modules():
+        if ".transformer_blocks." in path and path.endswith(SITE_SUFFIXES):
+            spatial = not path.endswith((".attn2.to_k", ".attn2.to_v"))
+            ref_model.add_object_patch(f"diffusion_model.{path}",
+                                       _ReferenceSite(module, anime_modules[path], spatial, inside))
+            count += 1
+            assert not type(module).__name__.startswith("Gated"), path
+    assert count == len(moe.get_attachment("mepg_moe").stack.blocks) * 7
+    ref = comfy.nodes.common_ksampler(ref_model, SEED, 3, CFG, "euler", "normal", env["enc"]("a garden"),
+                                      env["neg"], empty())[0]["samples"]
+    assert rel(got, ref) <= 1e-4, rel(got, ref)
+    uniform = comfy.nodes.common_ksampler(moe, SEED, 3, CFG, "euler", "normal", env["enc"]("a garden"),
+                                          env["neg"], empty())[0]["samples"]
+    assert rel(uniform, ref) > 1e-3  # the region's routing is visible in the output
+
+
 # ---------------------------------------------------------------------------------------------- background
 
 
@@ -186,70 +253,3 @@ def test_every_evaluation_of_a_two_stage_sampler_is_counted_in_the_step_of_its_s
     per_step = [sum(1 for s, _, _ in guider.stats["passes"] if s == i) for i in range(6)]
     evaluations = [1] + [2] * 5  # sigma_0 once; sigma_1…sigma_5 as a corrector and as a step's first call
     assert per_step == [n * (2 if kind == "local" else 1) for n, kind in zip(evaluations, plan)], per_step
-
-
-# ---------------------------------------------------------------------------------------------- routing
-
-
-SITE_SUFFIXES = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".ff")
-
-
-class _ReferenceSite(nn.Module):
-    """``w_base · base(x) + w_anime · anime(x)`` per token: tokens of the region's cells on the anime
-    expert alone, every other token (and text tokens) half and half. Built from the two checkpoints'
-    own modules; knows nothing of the pack."""
-
-    def __init__(self, base_module, anime_module, spatial: bool, inside: torch.Tensor):
-        super().__init__()
-        self.base_module, self.anime_module, self.spatial, self.inside = base_module, anime_module, spatial, inside
-
-    def forward(self, x, *args, **kwargs):
-        b, a = self.base_module(x, *args, **kwargs), self.anime_module(x, *args, **kwargs)
-        w_anime = torch.full((x.shape[1],), 0.5)
-        if self.spatial:
-            h, w = self.inside.shape
-            f = 1
-            while -(-h // f) * -(-w // f) != x.shape[1]:
-                f *= 2
-            w_anime = torch.where(self.inside[::f, ::f].reshape(-1), 1.0, 0.5)
-        w_anime = w_anime.to(x)[None, :, None]
-        return (1 - w_anime) * b + w_anime * a
-
-
-def test_global_steps_route_a_regions_tokens_to_its_expert(comfy, env, tiny_checkpoints):
-    """Bias mode, global_region_bias 1, uniform gates, every step global (p1 = 0), a region on the left half
-    forced to 'anime': the region's tokens must be the anime expert's alone and the rest half base, half
-    anime. The reference is the base checkpoint with every q/k/v and FF module replaced by that per-token
-    mix of the base's and the anime checkpoint's own modules, run by a plain KSampler.
-
-    Planted bug this kills: global steps that ignore each region's own experts (a prior of ones: the
-    region's tokens get the uniform mix)."""
-    regs = regions(comfy, env, ("cat", "a black cat", [0, 0, 500, 1000], {"expert": "anime"}))
-    stack = comfy.node("MEPG_ExpertStackLoader").execute(tiny_checkpoints["anime"].name, "anime", "anime").args[0]
-    moe = comfy.node("MEPG_GatedMoEPatch").execute(env["base"], stack, True, "uniform", "none", "", 0, True, 1.0,
-                                                   1.0).args[0]
-    got = cross(comfy, env, moe, regs, steps=3, p1=0.0, global_phase="bias")
-
-    import comfy.model_management as mm
-
-    inside = torch.zeros(H // 8, W // 8, dtype=torch.bool)
-    inside[:, : W // 16] = True
-    ref_model = env["base"].clone()
-    mm.unload_all_models()  # a MoE patch left applied on the shared base model would hide its own modules
-    base_net, anime_net = env["base"].model.diffusion_model, env["anime"].model.diffusion_model
-    anime_modules = dict(anime_net.named_modules())
-    count = 0
-    for path, module in base_net.named_modules():
-        if ".transformer_blocks." in path and path.endswith(SITE_SUFFIXES):
-            spatial = not path.endswith((".attn2.to_k", ".attn2.to_v"))
-            ref_model.add_object_patch(f"diffusion_model.{path}",
-                                       _ReferenceSite(module, anime_modules[path], spatial, inside))
-            count += 1
-            assert not type(module).__name__.startswith("Gated"), path
-    assert count == len(moe.get_attachment("mepg_moe").stack.blocks) * 7
-    ref = comfy.nodes.common_ksampler(ref_model, SEED, 3, CFG, "euler", "normal", env["enc"]("a garden"),
-                                      env["neg"], empty())[0]["samples"]
-    assert rel(got, ref) <= 1e-4, rel(got, ref)
-    uniform = comfy.nodes.common_ksampler(moe, SEED, 3, CFG, "euler", "normal", env["enc"]("a garden"),
-                                          env["neg"], empty())[0]["samples"]
-    assert rel(uniform, ref) > 1e-3  # the region's routing is visible in the output
