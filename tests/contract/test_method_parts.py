@@ -215,6 +215,30 @@ def test_local_and_global_steps_land_on_the_planned_step_numbers(comfy, env, pha
     assert rel(wrong, ref) > 1e-3  # one step moved is visible
 
 
+def test_the_global_alpha_schedule_falls_step_by_step(comfy, env):
+    """Fusion, p1 = 0, 3 steps, global_alpha 0.5 → 0: steps 1-2 fuse the region at 0.5 and 0.25, step 3
+    is the global pass alone. Reference: Cross-Denoise KSampler Advanced runs each step on its own with a
+    constant global_alpha (0.5, then 0.25), then ComfyUI's KSamplerAdvanced the last step.
+
+    Planted bugs this kills: the schedule ignored (the start value at every global step), or read one
+    step off."""
+    regs = regions(comfy, env, CAT)
+    got = cross(comfy, env, env["base"], regs, steps=3, p1=0.0, global_phase="fusion", global_alpha_start=0.5,
+                global_alpha_end=0.0)
+    latent, pos = empty(), env["enc"]("a garden")
+    for n, a in enumerate((0.5, 0.25)):
+        latent = comfy.node("MEPG_CrossDenoiseKSamplerAdvanced").execute(
+            env["base"], "enable" if n == 0 else "disable", SEED, 3, CFG, "euler", "normal", pos, env["neg"],
+            latent, regs, n, n + 1, "enable", p1=0.0, global_phase="fusion", global_alpha_start=a,
+            global_alpha_end=a, **BASE).args[0]
+    ref = comfy.nodes.common_ksampler(env["base"], SEED, 3, CFG, "euler", "normal", pos, env["neg"], latent,
+                                      disable_noise=True, start_step=2, last_step=3, force_full_denoise=True)[0]
+    assert rel(got, ref["samples"]) <= 1e-5, rel(got, ref["samples"])
+    constant = cross(comfy, env, env["base"], regs, steps=3, p1=0.0, global_phase="fusion", global_alpha_start=0.5,
+                     global_alpha_end=0.5)
+    assert rel(constant, got) > 1e-4  # measured 5.5e-4: 55 times the tolerance above
+
+
 def test_interleaved_global_steps_land_where_the_plan_puts_them(comfy, env):
     """4 steps, p1 = 1, interleave 2: local, global, local, global. Reference: the same hand-off chain.
 
