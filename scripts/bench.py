@@ -81,10 +81,11 @@ def random_init_(module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def bench_settings(cdn):
+def bench_settings(cdn, global_phase: str = "bias"):
     """The cross-denoise schedule both cross-denoise benches use: the node defaults (p1 0.7, interleave 4,
-    alpha 1, ``CONTEXT_MARGIN_PX``)."""
-    return cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, CONTEXT_MARGIN_PX)
+    alpha 1, ``CONTEXT_MARGIN_PX``, global_alpha 0.4 → 0) with one-pass ``bias`` global steps (the figures
+    the README quotes) unless ``global_phase`` says otherwise (``global_fusion`` measures both)."""
+    return cdn.settings_from_inputs(0.7, 4, 1.0, 1.0, CONTEXT_MARGIN_PX, global_phase=global_phase)
 
 
 def bench_plan(cd, rs, settings, steps: int):
@@ -188,6 +189,53 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
         "size_px": head["size_px"], "by_size": by_size, "repeats": repeats, "steps": steps,
         "local_steps": n_local, "interleave": settings.interleave, "context_margin_px": CONTEXT_MARGIN_PX,
         "unet": unet, "device": str(model.load_device), "config": config, "goal": "ratio <= 1.60",
+    }
+
+
+def bench_global_fusion(steps: int, size: int, repeats: int) -> dict:
+    """The global phase's two modes against a plain KSampler, same schedule otherwise (three regions,
+    53 % of the canvas): ``fusion`` (global pass + region windows while ``global_alpha > 0``) and the
+    one-pass ``bias``. Also the pass count a step plan predicts for fusion's global steps."""
+    import torch
+
+    nodes = inprocess.load_pack(BASE, with_tiny_models=True)
+    cdn = inprocess.pack_module("nodes.cross_denoise_nodes")
+    cd = inprocess.pack_module("mepg_core.cross_denoise")
+    layout_mod = inprocess.pack_module("mepg_core.layout")
+    regions_mod = inprocess.pack_module("mepg_core.regions")
+    model, config = bench_model()
+    positive, negative = random_cond(1), random_cond(2)
+    layout = layout_mod.parse_layout({"version": 1, "global_prompt": "g", "regions": BENCH_REGIONS})[0]
+    rs = regions_mod.build_region_set(layout, size, size)
+    for i, spec in enumerate(rs.regions):
+        spec.conditioning = random_cond(10 + i)
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+    modes = {mode: bench_settings(cdn, mode) for mode in cd.GLOBAL_MODES}
+    fusion = modes["fusion"]
+    plan = bench_plan(cd, rs, fusion, steps)
+    coverage = cd.window_coverage(plan, size // 8, size // 8)
+    global_steps = [i for i, kind in enumerate(cd.stage_plan(steps, fusion)) if kind == cd.GLOBAL]
+    fused_steps = [i for i in global_steps if cd.global_alpha(i, steps, fusion) > 0]
+
+    def plain():
+        return nodes.common_ksampler(model, 7, steps, 5.0, "euler", "normal", positive, negative, latent)[0]
+
+    def cross(mode):
+        return lambda: cdn.run_cross_denoise(model, 7, steps, 5.0, "euler", "normal", positive, negative, latent,
+                                             rs, modes[mode], 1.0)
+
+    plain()  # warm-up
+    _, med = alternating_medians({"plain": plain, "bias": cross("bias"), "fusion": cross("fusion")}, repeats)
+    return {
+        "size_px": size, "steps": steps, "repeats": repeats, "p1": fusion.p1, "interleave": fusion.interleave,
+        "global_alpha": [fusion.global_alpha_start, fusion.global_alpha_end],
+        "plain_s": round(med["plain"], 3), "bias_s": round(med["bias"], 3), "fusion_s": round(med["fusion"], 3),
+        "ratio_bias": round(med["bias"] / med["plain"], 3), "ratio_fusion": round(med["fusion"] / med["plain"], 3),
+        "fusion_over_bias": round(med["fusion"] / med["bias"], 3),
+        "window_area_over_canvas": round(coverage, 4), "global_steps": len(global_steps),
+        "global_steps_with_region_passes": len(fused_steps),
+        "predicted_extra_passes_fusion": round(len(fused_steps) * coverage, 2),
+        "device": str(model.load_device), "config": config,
     }
 
 
@@ -603,7 +651,8 @@ def bench_planner_latency(steps: int, size: int, repeats: int = 1) -> dict:
     return result
 
 
-BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl, "moe": bench_moe,
+BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl,
+           "global_fusion": bench_global_fusion, "moe": bench_moe,
            "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training,
            "gate_training_distributed": bench_gate_training_distributed, "planner_latency": bench_planner_latency}
 

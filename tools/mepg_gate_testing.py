@@ -93,3 +93,79 @@ def teacher_experiment(student, teacher, teacher_name: str, train_conds: list, h
         "per_site": {path: float(v[index]) for path, v in per_site.items()},
         "model": trained,
     }
+
+
+def side_map(size: int) -> torch.Tensor:
+    """``[size, size]`` long: 0 on the left half of the latent, 1 on the right half."""
+    region_map = torch.zeros(size, size, dtype=torch.long)
+    region_map[:, size // 2:] = 1
+    return region_map
+
+
+def spatial_pairs(teacher, left: int, right: int, conds: list, count: int, seed: int, size: int = 16,
+                  offset: float = 2.0) -> dict:
+    """Pairs from a spatial teacher: expert ``left`` on the left half's tokens, ``right`` on the right half's
+    (the teacher's own routing by region map, every site at its resolution). The two halves differ in
+    content (channel 0 shifted by ``+offset`` on the left, ``-offset`` on the right), which is all a gate can
+    go by: position itself is not an input of the UNet's blocks."""
+    gating, routing = pack("mepg_core.gating"), teacher.get_attachment("mepg_moe").routing
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 4, size, size, generator=g)
+    x[:, 0, :, : size // 2] += offset
+    x[:, 0, :, size // 2:] -= offset
+    schedule = teacher.get_model_object("model_sampling").sigmas.detach().float().cpu()
+    sigma = schedule[torch.randint(0, schedule.numel(), (count,), generator=g)]
+    conds = [[c[0]] for c in conds[:count]]
+    with routing.fixed_regions(side_map(size), (gating.RegionRoute.forced(left), gating.RegionRoute.forced(right))):
+        eps, _ = run_denoiser(teacher, x, sigma, conds)
+    return {"x": x, "x0": x - sigma[:, None, None, None] * eps, "eps": eps, "sigma": sigma, "conds": conds}
+
+
+def side_accuracy(model, pairs: dict, left: int, right: int) -> float:
+    """Mean weight the gates of ``model`` give, at every spatial site, to the expert the spatial teacher
+    used at each token (``left`` on the left half, ``right`` on the right), on ``pairs``' inputs. A gate that
+    ignores its input gives every token of a site the same weights, so it scores at most 0.5 here (the two
+    halves hold equally many tokens at every level)."""
+    modules = model.get_attachment("mepg_moe").modules
+    size = pairs["x"].shape[-1]
+    region_map = side_map(size)
+    total, count = 0.0, 0
+
+    def observe(module, weights):
+        nonlocal total, count
+        if module.input_kind != "spatial":
+            return
+        batch, tokens, _ = weights.shape
+        factor = 1
+        while -(-size // factor) ** 2 != tokens:
+            factor *= 2
+        want = torch.where(region_map[::factor, ::factor].reshape(-1) == 0, left, right).to(weights.device)
+        got = weights.detach().gather(-1, want[None, :, None].expand(batch, tokens, 1))
+        total += float(got.sum())
+        count += batch * tokens
+
+    with modules.runtime.observing(observe):
+        run_denoiser(model, pairs["x"], pairs["sigma"], pairs["conds"])
+    return total / count
+
+
+def spatial_teacher_experiment(student, teacher, left_name: str, right_name: str, train_conds: list,
+                               held_conds: list, config, size: int = 16) -> dict:
+    """Train ``student``'s gates on a spatial teacher's pairs (see :func:`spatial_pairs`); accuracy on
+    held-out pairs by :func:`side_accuracy`, for the trained gates and the untrained ones."""
+    gt = pack("nodes.gate_training_nodes")
+    stack = teacher.get_attachment("mepg_moe").stack
+    left, right = stack.expert_index(left_name), stack.expert_index(right_name)
+    train = spatial_pairs(teacher, left, right, train_conds, len(train_conds), seed=1, size=size)
+    held = spatial_pairs(teacher, left, right, held_conds, len(held_conds), seed=2, size=size)
+    started = time.perf_counter()
+    trained, result = gt.train_moe_gates(student, list(train["x0"]), train["conds"], config,
+                                         fixed_noise=list(train["eps"]), fixed_sigmas=train["sigma"].tolist(),
+                                         model_space=True)
+    history = result.loss_history
+    return {
+        "side_accuracy": side_accuracy(trained, held, left, right),
+        "side_accuracy_untrained": side_accuracy(student, held, left, right),
+        "loss_first": sum(history[:10]) / len(history[:10]), "loss_last": sum(history[-10:]) / len(history[-10:]),
+        "steps": result.steps, "seconds": round(time.perf_counter() - started, 3), "model": trained,
+    }

@@ -243,3 +243,26 @@ def test_global_step_fuses_the_global_pass_with_region_windows():
     calls = []
     plain = cd.global_step(x, plan, 0.0, lambda i, x_in: calls.append(i) or x_in * 4.0 - 2)
     assert calls == [2] and torch.allclose(plain, x * 4.0 - 2)  # alpha 0: one plain global pass
+
+
+def test_local_step_puts_each_prediction_back_where_its_window_was_cut():
+    """With predictions that depend on what each pass sees, the fused output is exactly
+    ``sum_i w_i * D_i(crop_i)`` placed at each window. Planted bug this kills: a region's prediction put
+    back one cell off (constant fake predictions cannot show a shift)."""
+    rs = region_set(feather=8.0)
+    plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(), 10)
+    x, x_ref = torch.randn(1, 4, 24, 32), torch.randn(1, 4, 24, 32)
+
+    def denoise(i, x_in):
+        return x_in * (i + 2.0) + x_in.roll(1, -1)  # a different value in every cell
+
+    out = cd.local_step(x, x_ref, plan, 0.7, denoise)
+    w, bg = cd.fusion_weights(plan, 0.7)
+    expected = torch.zeros_like(x)
+    for i, (x1, y1, x2, y2) in enumerate(plan.windows):
+        seen = torch.where(plan.visible[i], x, x_ref)[..., y1:y2, x1:x2]
+        expected[..., y1:y2, x1:x2] += w[i, y1:y2, x1:x2] * denoise(i, seen)
+    bx1, by1, bx2, by2 = cd.background_window(bg, plan.settings.context_margin, plan.settings.align)
+    seen = torch.where(plan.visible[2], x, x_ref)[..., by1:by2, bx1:bx2]
+    expected[..., by1:by2, bx1:bx2] += bg[by1:by2, bx1:bx2] * denoise(2, seen)
+    assert torch.allclose(out, expected, atol=1e-5)
