@@ -56,7 +56,9 @@ from .http_client import CallBudget, Target
 
 __all__ = [
     "ADAPTER_SIDECAR",
+    "RESPONSE_FORMS",
     "AdapterMismatchError",
+    "Answer",
     "BackendError",
     "CallInterrupted",
     "CallableBackend",
@@ -73,6 +75,7 @@ __all__ = [
     "OpenAIBackend",
     "TransformersBackend",
     "clear_backend_cache",
+    "forget_endpoint_forms",
     "default_cache_dir",
     "load_causal_lm",
     "load_transformers_backend",
@@ -95,22 +98,43 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The interface
 
 
+class Answer(str):
+    """A model's answer text, with how it was constrained (``constraint``):
+
+    ``"json_schema"``, ``"json_object+schema"``, ``"json_object"`` (the endpoint's ``response_format``
+    form that was accepted), ``"grammar"`` (local decoding constrained to the schema) or ``"none"``.
+    """
+
+    constraint: str
+
+    def __new__(cls, text: str, constraint: str = "none") -> Answer:
+        obj = super().__new__(cls, text)
+        obj.constraint = constraint
+        return obj
+
+
 class ChatBackend:
-    """Base class of the planner's backends. Subclasses implement :meth:`generate` and :meth:`cache_key`."""
+    """Base class of the planner's backends. Subclasses implement :meth:`generate` and :meth:`cache_key`.
+
+    ``schema`` (optional): the answer's :class:`~.schemas.StepSchema`; a backend that can constrain its
+    answer to it does, and says so with an :class:`Answer`.
+    """
 
     name: str = "backend"
     #: whether ``use_adapter`` changes anything (a LoRA adapter is loaded)
     has_adapter: bool = False
 
     def generate(self, messages: list[dict[str, str]], *, temperature: float = 0.0, seed: int = 0,
-                 max_new_tokens: int = 256, use_adapter: bool = False, tag: str = "") -> str:
+                 max_new_tokens: int = 256, use_adapter: bool = False, tag: str = "", schema: Any = None) -> str:
         raise NotImplementedError
 
     async def agenerate(self, messages: list[dict[str, str]], *, temperature: float = 0.0, seed: int = 0,
-                        max_new_tokens: int = 256, use_adapter: bool = False, tag: str = "") -> str:
+                        max_new_tokens: int = 256, use_adapter: bool = False, tag: str = "",
+                        schema: Any = None) -> str:
         # Default: the synchronous call in a worker thread, so an event loop is never blocked.
+        extra = {"schema": schema} if schema is not None else {}
         return await asyncio.to_thread(self.generate, messages, temperature=temperature, seed=seed,
-                                       max_new_tokens=max_new_tokens, use_adapter=use_adapter, tag=tag)
+                                       max_new_tokens=max_new_tokens, use_adapter=use_adapter, tag=tag, **extra)
 
     def cache_key(self) -> str:
         raise NotImplementedError
@@ -155,9 +179,10 @@ class CallableBackend(ChatBackend):
     def _invoke(self, messages: list[dict[str, str]], options: dict[str, Any]) -> Any:
         return self.fn(messages, **options) if self._takes_options else self.fn(messages)
 
-    def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
+    def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag="",
+                 schema=None):
         options = dict(temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, use_adapter=use_adapter,
-                       tag=tag)
+                       tag=tag, **({"schema": schema} if schema is not None else {}))
         try:
             out = self._invoke(_check_messages(messages), options)
             if inspect.isawaitable(out):
@@ -170,9 +195,10 @@ class CallableBackend(ChatBackend):
             raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         return _as_text(out, self.name)
 
-    async def agenerate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
+    async def agenerate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag="",
+                        schema=None):
         options = dict(temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, use_adapter=use_adapter,
-                       tag=tag)
+                       tag=tag, **({"schema": schema} if schema is not None else {}))
         try:
             out = self._invoke(_check_messages(messages), options)
             if inspect.isawaitable(out):
@@ -211,11 +237,18 @@ class OpenAIBackend(ChatBackend):
     answer that is not valid HTTP or JSON is never retried. ``should_cancel()``: polled while a call
     waits (see :class:`~.http_client.CallBudget`); true ends the call within
     :data:`~.http_client.POLL_S` seconds with :class:`~.errors.CallInterrupted`.
+
+    Structured answers (``structured``, default on): a call with a schema sends ``response_format``, in
+    the first of :data:`RESPONSE_FORMS` the endpoint has not refused: ``json_schema`` (strict),
+    ``json_object`` with the schema beside it (llama.cpp), plain ``json_object``, then none. A refusal
+    (an HTTP error naming the format) moves the endpoint to the next form for the life of the process,
+    logged once; the returned :class:`Answer` says which form was used.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
                  timeout: float = DEFAULT_ENDPOINT_TIMEOUT_S, max_retries: int = 2, backoff: float = 0.5,
-                 extra_body: dict[str, Any] | None = None, should_cancel: Callable[[], bool] | None = None):
+                 extra_body: dict[str, Any] | None = None, should_cancel: Callable[[], bool] | None = None,
+                 structured: bool = True):
         target = Target.parse(_chat_url(base_url))
         if not isinstance(model, str) or not model.strip():
             raise BackendError("endpoint model name is empty; give the model the server should use")
@@ -241,6 +274,8 @@ class OpenAIBackend(ChatBackend):
         self.backoff = max(0.0, float(backoff))
         self.extra_body = dict(extra_body or {})
         self.should_cancel = should_cancel
+        self.structured = bool(structured)
+        self._form_key = f"{self.url}\x00{self._url_digest}"
         self.name = f"openai:{self.model}"
 
     def __repr__(self) -> str:
@@ -262,11 +297,37 @@ class OpenAIBackend(ChatBackend):
             headers["Authorization"] = f"Bearer {key.strip()}"
         return headers
 
-    def _body(self, messages, temperature, seed, max_new_tokens) -> bytes:
+    def _body(self, messages, temperature, seed, max_new_tokens, form: str = "none", schema: Any = None) -> bytes:
         body = {"model": self.model, "messages": _check_messages(messages), "temperature": float(temperature),
                 "max_tokens": int(max_new_tokens), "seed": int(seed), "stream": False}
+        response_format = _response_format(form, schema)
+        if response_format is not None:
+            body["response_format"] = response_format
         body.update(self.extra_body)
         return json.dumps(body).encode("utf-8")
+
+    # Structured answers: the first response_format form this endpoint accepts
+
+    def _forms(self, schema: Any) -> list[str]:
+        if schema is None or not self.structured or "response_format" in self.extra_body:
+            return ["none"]
+        with _ENDPOINT_FORMS_LOCK:
+            first = _ENDPOINT_FORMS.get(self._form_key, 0)
+        return list(RESPONSE_FORMS[first:])
+
+    def _refused(self, form: str, exc: EndpointHTTPError) -> None:
+        """Remember (for this process) that the endpoint refuses ``form``; log it once."""
+        with _ENDPOINT_FORMS_LOCK:
+            nxt = RESPONSE_FORMS.index(form) + 1
+            if _ENDPOINT_FORMS.get(self._form_key, 0) >= nxt:
+                return
+            _ENDPOINT_FORMS[self._form_key] = nxt
+        logger.warning("planner endpoint %s refuses response_format %s (%s); using %s from now on", self.url, form,
+                       exc, RESPONSE_FORMS[nxt])
+
+    def response_form(self) -> str:
+        """The response_format form this endpoint is asked with now (``none`` once every form was refused)."""
+        return self._forms(object())[0]
 
     def _parse(self, status: int, raw: bytes) -> str:
         text = raw.decode("utf-8", errors="replace")
@@ -294,6 +355,8 @@ class OpenAIBackend(ChatBackend):
     def _retryable(exc: EndpointError) -> bool:
         if isinstance(exc, EndpointUnreachableError):
             return True
+        if isinstance(exc, EndpointHTTPError) and _refuses_format(exc):
+            return False  # a server that refuses a response_format says so again on every retry
         return isinstance(exc, EndpointHTTPError) and exc.status is not None and (exc.status == 429 or
                                                                                  exc.status >= 500)
 
@@ -315,10 +378,35 @@ class OpenAIBackend(ChatBackend):
         logger.warning("planner endpoint: %s; retrying (%d/%d)", exc, attempt + 1, self.max_retries)
         return delay
 
-    def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
-        body = self._body(messages, temperature, seed, max_new_tokens)
+    def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag="",
+                 schema=None):
         headers = self._headers()
         budget = CallBudget(self.timeout, self.should_cancel)
+        for form in self._forms(schema):
+            body = self._body(messages, temperature, seed, max_new_tokens, form, schema)
+            try:
+                return Answer(self._exchange(body, headers, budget), form)
+            except EndpointHTTPError as exc:
+                if form == "none" or not _refuses_format(exc):
+                    raise
+                self._refused(form, exc)
+        raise AssertionError("unreachable")
+
+    async def agenerate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag="",
+                        schema=None):
+        headers = self._headers()
+        budget = CallBudget(self.timeout, self.should_cancel)
+        for form in self._forms(schema):
+            body = self._body(messages, temperature, seed, max_new_tokens, form, schema)
+            try:
+                return Answer(await self._aexchange(body, headers, budget), form)
+            except EndpointHTTPError as exc:
+                if form == "none" or not _refuses_format(exc):
+                    raise
+                self._refused(form, exc)
+        raise AssertionError("unreachable")
+
+    def _exchange(self, body: bytes, headers: dict[str, str], budget: CallBudget) -> str:
         for attempt in range(self.max_retries + 1):
             try:
                 reply = http_client.post(self._target, body, headers, budget=budget, max_bytes=_MAX_RESPONSE_BYTES)
@@ -330,10 +418,7 @@ class OpenAIBackend(ChatBackend):
             http_client.sleep(delay, budget, self.url)
         raise AssertionError("unreachable")
 
-    async def agenerate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
-        body = self._body(messages, temperature, seed, max_new_tokens)
-        headers = self._headers()
-        budget = CallBudget(self.timeout, self.should_cancel)
+    async def _aexchange(self, body: bytes, headers: dict[str, str], budget: CallBudget) -> str:
         for attempt in range(self.max_retries + 1):
             try:
                 reply = await http_client.apost(self._target, body, headers, budget=budget,
@@ -345,6 +430,45 @@ class OpenAIBackend(ChatBackend):
                     raise self._give_up(exc, attempt + 1) from None
             await http_client.asleep(delay, budget, self.url)
         raise AssertionError("unreachable")
+
+
+#: the response_format forms asked for, most specific first; an endpoint that refuses one gets the next
+#: (json_object+schema: llama.cpp's server and llama-cpp-python read a schema there)
+RESPONSE_FORMS = ("json_schema", "json_object+schema", "json_object", "none")
+# endpoint -> index into RESPONSE_FORMS of the first form it has not refused; for the life of the process
+_ENDPOINT_FORMS: dict[str, int] = {}
+_ENDPOINT_FORMS_LOCK = threading.Lock()
+_FORMAT_WORDS = ("response_format", "json_schema", "json_object", "schema", "grammar", "unexpected field",
+                 "not supported", "unsupported")
+
+
+def _response_format(form: str, schema: Any) -> dict[str, Any] | None:
+    if schema is None or form == "none":
+        return None
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": schema.name, "strict": True, "schema": schema.schema}}
+    if form == "json_object+schema":
+        return {"type": "json_object", "schema": schema.schema}
+    if form == "json_object":
+        return {"type": "json_object"}
+    raise ValueError(f"unknown response_format form {form!r}")
+
+
+def _refuses_format(exc: EndpointHTTPError) -> bool:
+    """Whether an HTTP error answers the request's response_format (not the model, the key or the load).
+
+    Servers say so differently: 400 (OpenAI, llama.cpp, vLLM), 422 (FastAPI validation), 501, even 500
+    (older llama.cpp forks); each names the field or the schema in the message.
+    """
+    status = exc.status or 0
+    text = str(exc).lower()
+    return status in (400, 422, 500, 501) and any(w in text for w in _FORMAT_WORDS)
+
+
+def forget_endpoint_forms() -> None:
+    """Forget which response_format forms endpoints refused (tests; a server that was upgraded)."""
+    with _ENDPOINT_FORMS_LOCK:
+        _ENDPOINT_FORMS.clear()
 
 
 def _chat_url(base: Any) -> Any:
