@@ -15,6 +15,7 @@ test: setup
 
 # The second host: ComfyUI 0.33.0 from ../shared/hosts (absent in a user's clone: says so and succeeds).
 COMPAT_VERSION := 0.33.0
+COMPAT_TESTS ?= tests/contract tests/e2e tests/browser
 COMPAT_ENV := MEPG_COMFYUI_DIR=$(CURDIR)/.host/ComfyUI-$(COMPAT_VERSION) \
 	MEPG_HOST_WORK_DIR=$(CURDIR)/.host/compat-$(COMPAT_VERSION) MEPG_ARTIFACTS=$(CURDIR)/test-artifacts/compat-$(COMPAT_VERSION)
 
@@ -25,7 +26,7 @@ test-compat: setup
 	@rc=0; bash scripts/setup_compat_host.sh || rc=$$?; \
 	if [ $$rc -eq 3 ]; then exit 0; elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
 	echo "[test-compat] contract, e2e and browser tiers on ComfyUI $(COMPAT_VERSION)"; \
-	$(COMPAT_ENV) .venv-compat/bin/python -m pytest tests/contract tests/e2e tests/browser $(PYTEST_ARGS)
+	$(COMPAT_ENV) .venv-compat/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
