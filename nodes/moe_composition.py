@@ -255,12 +255,20 @@ MERGE_REFUSAL = (
 class _MergeGuard:
     """Mixed into a patched model's ModelPatcher class: merge nodes read ``model2.get_key_patches(
     "diffusion_model.")``; for a Gated MoE model that would silently drop the experts. ComfyUI's own
-    internal calls (hook patching) pass no prefix and are served as usual."""
+    internal calls (hook patching) pass no prefix and are served as usual. Saving through the patcher
+    (``state_dict_for_saving``, ComfyUI 0.33+) is refused like a save on older hosts."""
 
     def get_key_patches(self, filter_prefix=None):
         if filter_prefix is not None and self.get_attachment("mepg_moe") is not None:
             raise ValueError(MERGE_REFUSAL)
         return super().get_key_patches(filter_prefix)
+
+    def state_dict_for_saving(self, *args, **kwargs):
+        # ComfyUI 0.33+ saves through the patcher (without a force_patch_weights load, see make_save_guard).
+        attachment = self.get_attachment("mepg_moe")
+        if attachment is not None:
+            raise ValueError(save_refusal(getattr(attachment, "gate_source", "the gate file")))
+        return super().state_dict_for_saving(*args, **kwargs)
 
 
 _GUARDED_CLASSES: dict[type, type] = {}
@@ -300,9 +308,13 @@ def make_save_guard(gate_source: str):
 # Where a call's rows lie, and routing outside the MEPG samplers
 
 
-def frame_wrapper(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: remember the latent this condition batch runs on and each area
-    condition's (clipped) area by uuid, for the routing of the model calls inside."""
+def frame_wrapper(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+    """CALC_COND_BATCH wrapper: remember the latent this condition batch runs on, each area condition's
+    (clipped) area by uuid, and the patcher running the model, for the routing of the model calls inside.
+
+    The patcher is the one ComfyUI samples with, which need not be the one the MoE patch was installed on:
+    with hooked conditions, a dynamic-VRAM ``ModelPatcherDynamic`` (ComfyUI 0.33+ on CUDA) samples with a
+    plain ``ModelPatcher`` delegate that has a model object of its own."""
     canvas = tuple(int(v) for v in x_in.shape[-2:])
     areas = {}
     for cond_list in conds:
@@ -310,9 +322,9 @@ def frame_wrapper(executor, model, conds, x_in, timestep, model_options):
             area = cond.get("area")
             if area is not None and len(area) == 4:
                 areas[cond["uuid"]] = wc.clip_area(tuple(area), canvas)
-    token = _FRAME.set((canvas, areas))
+    token = _FRAME.set((canvas, areas, getattr(model, "current_patcher", None)))
     try:
-        return executor(model, conds, x_in, timestep, model_options)
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
     finally:
         _FRAME.reset(token)
 
@@ -321,7 +333,7 @@ def call_frame(transformer_options: dict) -> CallFrame | None:
     recorded = _FRAME.get()
     if recorded is None:
         return None
-    canvas, areas = recorded
+    canvas, areas, _ = recorded
     uuids = transformer_options.get("uuids") or ()
     return CallFrame(canvas, tuple(areas.get(u) for u in uuids))
 
@@ -378,7 +390,10 @@ def make_routing_wrapper(runtime, routing: MoERouting, base_model=None, experts:
     on clone): routes the call, after bringing the experts' hook patches in line with the base's."""
 
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        main = getattr(base_model, "current_patcher", None)
+        recorded = _FRAME.get()
+        main = recorded[2] if recorded is not None and recorded[2] is not None else None
+        if main is None:
+            main = getattr(base_model, "current_patcher", None)
         if main is not None and experts is not None:
             experts.check_loaded(main)
             experts.sync_hooks(main)
@@ -404,9 +419,10 @@ def make_routing_wrapper(runtime, routing: MoERouting, base_model=None, experts:
 def make_prepare_wrapper(experts: ExpertWeights):
     """PREPARE_SAMPLING wrapper: attach the experts carrying the sampled model's patches before loading."""
 
-    def wrapper(executor, model, noise_shape, conds, model_options=None):
+    # Arguments passed on as they come: ComfyUI adds some over time (0.33: force_full_load, force_offload).
+    def wrapper(executor, model, noise_shape, conds, *args, **kwargs):
         experts.attach(model)
-        return executor(model, noise_shape, conds, model_options=model_options)
+        return executor(model, noise_shape, conds, *args, **kwargs)
 
     return wrapper
 

@@ -39,5 +39,5 @@ def tiny_extras(tiny_checkpoints) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS

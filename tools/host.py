@@ -28,8 +28,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import comfy_env
+
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = ROOT / ".host" / "ComfyUI"
+COMFY_DIR = comfy_env.COMFY_DIR  # $MEPG_COMFYUI_DIR or .host/ComfyUI
 PACK_LINK_NAME = "comfyui-mepg"
 TINY_NODE_DIR = ROOT / "tools" / "mepg_tiny_models"
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from comfy_env import WORK_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
+# The tiny checkpoints are the same files for every host; bases and artifacts are the host's own.
 FIXTURE_DIR = ROOT / ".host" / "fixtures" / "checkpoints"
 EXTRAS_DIR = ROOT / ".host" / "fixtures" / "extras"
-ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS = Path(os.environ.get("MEPG_ARTIFACTS", ROOT / "test-artifacts")).resolve()
 EXPERTS = ("photo", "anime", "watercolor")
 FIXTURE_VERSION = "2"  # bump when tools/make_tiny_models.py writes different checkpoints
 
@@ -30,6 +34,28 @@ def link_checkpoints(base: Path, checkpoints: dict[str, Path], folder: str = "ch
         link = target_dir / path.name
         if not link.exists():
             link.symlink_to(path)
+
+
+GATE_DATASET = "mepg_gate_dataset"
+
+
+def write_gate_dataset(base: Path, name: str = GATE_DATASET) -> str:
+    """A small image + caption data set in ``base/input/<name>`` (four random 64x64 images, one caption file
+    each), for the gate-training workflow; returns ``name``."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = base / "input" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red apple on a table", "an anime cat", "a watercolor boat", "a photo of a dog"]):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(folder / f"sample{i}.png")
+        (folder / f"sample{i}.txt").write_text(caption)
+    return name
 
 
 def tiny_files_of(tiny_checkpoints: dict[str, Path], tiny_extras: dict[str, Path]) -> dict:
@@ -78,7 +104,7 @@ def serve_fixture_host(name: str, checkpoints: dict[str, Path]):
     Use as ``with serve_fixture_host(...) as server:`` (the server stops when the block ends)."""
     from host import ComfyServer, free_port, prepare_base
 
-    base = ROOT / ".host" / f"{name}-base"
+    base = WORK_DIR / f"{name}-base"
     prepare_base(base, with_tiny_models=True)
     link_checkpoints(base, checkpoints)
     return ComfyServer(port=free_port(), base=base, log_path=ARTIFACTS / f"{name}-server.log")

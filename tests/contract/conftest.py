@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import comfy_compat
 import inprocess
 import pytest
-from mepg_testing import ROOT, link_checkpoints
+from comfy_env import WORK_DIR
+from mepg_testing import link_checkpoints
 
-BASE = ROOT / ".host" / "contract-base"
+BASE = WORK_DIR / "contract-base"
 
 
 class _SilentServer:
@@ -38,6 +40,10 @@ class ComfyInProcess:
     def node(self, node_id: str):
         return self.mappings[node_id]
 
+    def output(self, node_id: str) -> list:
+        """What node ``node_id`` of the last prompt returned (its outputs, from the executor's cache)."""
+        return comfy_compat.cached_output(self.executor, node_id)
+
     def run(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt; returns the executor's history result.
 
@@ -49,7 +55,8 @@ class ComfyInProcess:
             raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
         if self.executor is None:
             self.executor = self.execution.PromptExecutor(
-                self.server, cache_type=self.execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+                self.server, cache_type=self.execution.CacheType.CLASSIC,
+                cache_args=dict(comfy_compat.EXECUTOR_CACHE_ARGS))
         self.executor.execute(prompt, prompt_id, {}, valid[2])
         if not self.executor.success:
             errors = [d for e, d in self.executor.status_messages if e == "execution_error"]

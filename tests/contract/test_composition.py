@@ -62,9 +62,7 @@ def run(comfy, graph: Graph, *wanted: str) -> list[torch.Tensor]:
     comfy.run(prompt)
     results = []
     for node_id in wanted:
-        entry = comfy.executor.caches.outputs.get(node_id)
-        value = entry.outputs if hasattr(entry, "outputs") else entry[0]
-        results.append(value[0][0]["samples"].clone())
+        results.append(comfy.output(node_id)[0][0]["samples"].clone())
     return results
 
 
@@ -508,3 +506,42 @@ def test_hypertile_with_gate_routing_and_refused_with_regions(comfy, tiny_checkp
     # Fusion global steps route whole passes (gate, or a region's window), never tokens by region: they run.
     (fused,) = run(comfy, b.g, b.cross(regions, model=tiled_moe, p1=0.5))
     assert torch.isfinite(fused).all()
+
+
+# -- 6. the patcher ComfyUI samples with is another one (dynamic VRAM) -------------------------------------
+
+class _NonDynamicDelegate:
+    """Test-only node: what ComfyUI 0.33+ does when a dynamic-VRAM ``ModelPatcherDynamic`` (checkpoints on
+    CUDA) is sampled with hooked conditions: it samples a plain ``ModelPatcher`` clone with a model object
+    of its own, loaded again from the checkpoint (``clone(disable_dynamic=True)``; here, on the CPU, the
+    same reload through ``clone(force_deepcopy=True)``)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "delegate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def delegate(self, model):
+        delegate = model.clone(force_deepcopy=True)
+        assert delegate.model is not model.model
+        return (delegate,)
+
+
+def test_a_delegate_patcher_with_its_own_model_keeps_the_experts_and_their_hooks(comfy, tiny_checkpoints,
+                                                                                 monkeypatch):
+    import inspect
+
+    import comfy.model_patcher as model_patcher
+
+    if "force_deepcopy" not in inspect.signature(model_patcher.ModelPatcher.clone).parameters:
+        pytest.skip("this ComfyUI has no reloading clone (ModelPatcherDynamic's delegate arrived in 0.33)")
+    monkeypatch.setitem(comfy.nodes.NODE_CLASS_MAPPINGS, "MEPGTest_NonDynamicDelegate", _NonDynamicDelegate)
+    b = Base(comfy, tiny_checkpoints, clip_hooks=True)
+    anime = b.checkpoint(tiny_checkpoints, "anime")
+    delegate = out(b.g.add("MEPGTest_NonDynamicDelegate", model=b.moe(tiny_checkpoints)))
+    x_moe, x_ref = run(comfy, b.g, b.ksampler(model=delegate), b.ksampler(model=anime))
+    assert record("delegate patcher (own model) of forced expert + LoRA hook vs checkpoint + LoRA hook",
+                  rel(x_moe, x_ref), 1e-5) <= 1e-5

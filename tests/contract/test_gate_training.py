@@ -122,8 +122,7 @@ def graph(tiny_checkpoints, train_inputs=None, tail=None):
 
 
 def output_of(comfy, node):
-    entry = comfy.executor.caches.outputs.get(node)
-    return entry.outputs if hasattr(entry, "outputs") else entry[0]
+    return comfy.output(node)
 
 
 def test_train_and_save_nodes_in_a_real_graph(comfy, tiny_checkpoints):

@@ -105,9 +105,7 @@ def test_patched_and_base_in_one_graph(comfy, tiny_checkpoints):
         return g
 
     def latent_of(node):
-        entry = comfy.executor.caches.outputs.get(node)
-        value = entry.outputs if hasattr(entry, "outputs") else entry[0]
-        return value[0][0]["samples"].clone()
+        return comfy.output(node)[0][0]["samples"].clone()
 
     comfy.run(graph(True, True))
     both = latent_of("k_patched"), latent_of("k_base")

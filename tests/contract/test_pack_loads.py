@@ -108,3 +108,20 @@ def test_tiny_checkpoints_load_with_the_standard_loader(comfy, tiny_checkpoints)
 @pytest.mark.parametrize("node_id", sorted(PACK_NODES))
 def test_schema_validates(comfy, node_id):
     comfy.node(node_id).GET_SCHEMA().validate()
+
+
+def test_a_comfyui_older_than_the_tested_ones_gets_one_warning(comfy, monkeypatch, caplog):
+    import logging
+
+    import comfyui_version
+    import inprocess
+
+    extension = inprocess.pack_module("nodes.extension")
+    assert extension.warn_if_unsupported() is None  # this host is one the CI tests
+    monkeypatch.setattr(comfyui_version, "__version__", "0.3.60")
+    monkeypatch.setattr(extension, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="mepg"):
+        for _ in range(3):  # the pack may be asked again (node list refreshes): still one line
+            assert "0.3.60" in extension.warn_if_unsupported()
+    said = [r.getMessage() for r in caplog.records if r.name == "mepg" and "older than 0.3.75" in r.getMessage()]
+    assert len(said) == 1 and "ComfyUI 0.3.60" in said[0] and "0.33.0" in said[0]

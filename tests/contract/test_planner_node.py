@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import comfy_compat
 import pytest
 import torch
 from mepg_planner_testing import build_tiny_qwen2, free_port, one_torch_thread
@@ -150,11 +151,8 @@ def test_model_names_are_validated_only_for_the_transformers_backend(comfy):
 
 def test_progress_over_the_steps_and_cancel(comfy, monkeypatch):
     import comfy.model_management as model_management
-    import comfy.utils as comfy_utils
 
-    seen = []
-    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
-                        seen.append((value, total)))
+    seen = comfy_compat.record_progress(monkeypatch)
     plan(comfy, "a cat")
     assert seen == [(0, 4), (4, 4)]  # the offline planner is one step
     model_management.interrupt_current_processing(True)
@@ -190,12 +188,8 @@ def test_models_and_adapters_are_listed_from_the_llm_folder(comfy, tiny_llm):
 
 
 def test_transformers_garbage_falls_back_to_a_valid_layout(comfy, tiny_llm, monkeypatch):
-    import comfy.utils as comfy_utils
-
     prompt = "a red apple left of a blue cup"
-    seen = []
-    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
-                        seen.append(value))
+    seen = comfy_compat.record_progress(monkeypatch)
     with one_torch_thread():
         layout, layout_json, trace = plan(comfy, prompt, backend="transformers", model=tiny_llm, max_regions=2,
                                           repair_rounds=0)
@@ -205,7 +199,7 @@ def test_transformers_garbage_falls_back_to_a_valid_layout(comfy, tiny_llm, monk
     assert "step 0 (analysis, LoRA on)" not in trace  # no adapter chosen
     assert "step 0 (analysis): failed after 1 attempt" in trace
     assert "using the offline planner" in trace
-    assert seen == [0, 1, 2, 3, 4]  # one tick per chain step, then done
+    assert [value for value, _ in seen] == [0, 1, 2, 3, 4]  # one tick per chain step, then done
     # Same inputs: the cached plan, at once (the model is not asked again).
     import time
 

@@ -96,10 +96,7 @@ def sampling_prompt(ckpt: str, positive_from_regions: bool, layout: dict, seed: 
 
 
 def final_latent(comfy) -> torch.Tensor:
-    cache = comfy.executor.caches.outputs
-    entry = cache.get("sampler")
-    value = entry.outputs if hasattr(entry, "outputs") else entry[0]
-    return value[0][0]["samples"].clone()
+    return comfy.output("sampler")[0][0]["samples"].clone()
 
 
 def test_region_conditioning_drives_a_real_ksampler(comfy, tiny_checkpoints):

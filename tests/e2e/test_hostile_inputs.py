@@ -191,8 +191,9 @@ def stack_order(wf: dict) -> list[dict]:
 class Case:
     name: str
     run: Callable[[Sweep], tuple[str, str]]  # -> (kind of outcome, text that must name the field/file)
-    expect: str  # "4xx" | "node_error" | "interrupted" | "success"
+    expect: str  # "4xx" | "node_error" | "bad_choice" | "interrupted" | "success"
     names: str  # a substring the message must contain
+    also: tuple[str, ...] = ()  # more substrings it must contain
 
 
 def route(method: str, path: str, body=None, *, raw: bytes | None = None, query: dict | None = None):
@@ -395,9 +396,9 @@ CASES = [
     Case("sampler: 400-digit steps", prompt(set_input("MEPG_CrossDenoiseKSampler", steps=HUGE)), "4xx",
          'bigger than max of 10000", "details": "steps"'),
     Case("sampler: unknown sampler name", prompt(set_input("MEPG_CrossDenoiseKSampler", sampler_name="warp_9")),
-         "node_error", "sampler_name 'warp_9' is not one this ComfyUI knows; choose one of euler"),
+         "bad_choice", "'warp_9'", ("sampler_name", "euler")),
     Case("sampler: unknown scheduler name", prompt(set_input("MEPG_CrossDenoiseKSampler", scheduler="sometimes")),
-         "node_error", "scheduler 'sometimes' is not one this ComfyUI knows; choose one of simple"),
+         "bad_choice", "'sometimes'", ("scheduler", "simple")),
     Case("masks: global_weight NaN", prompt(set_input("MEPG_RegionMaskBuilder", global_weight=float("nan"))),
          "node_error", "global_weight must be a finite number"),
     Case("moe: temperature NaN", prompt(set_input("MEPG_GatedMoEPatch", temperature=float("nan"))), "node_error",
@@ -483,10 +484,19 @@ def test_hostile_input(sweep, case):
         assert isinstance(outcome, dict), f"refused at queue time ({outcome}): {text[:500]}"
         assert outcome["status"]["status_str"] == "error", "a bad input ran to success"
         assert "cannot reach" not in text or "cannot reach" in case.names
+    elif case.expect == "bad_choice":
+        # A choice the host does not list: ComfyUI 0.33 refuses it when queued (its own "Value not in list"),
+        # 0.3.75 lets it through to the node, which refuses it naming the choices; either way it never runs.
+        if isinstance(outcome, dict):
+            assert outcome["status"]["status_str"] == "error", "a bad input ran to success"
+            assert "is not one this ComfyUI knows" in text, text[:500]
+        else:
+            assert outcome == "refused" or isinstance(outcome, int) and 400 <= outcome < 500, (outcome, text[:500])
     elif case.expect == "interrupted":
         assert outcome == "interrupted", text
         assert "cannot reach" not in text
-    assert case.names in text, f"{case.name}: {case.names!r} not in {text[:600]!r}"
+    for part in (case.names, *case.also):
+        assert part in text, f"{case.name}: {part!r} not in {text[:600]!r}"
     sweep.check_good_prompt_still_works()
 
 
