@@ -598,6 +598,9 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
                                              boxes_from=boxes_from))
             seconds.append(time.perf_counter() - started)
             print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
+        with (RESULTS / f"planner_smollm2{tag}.{name}.traces.jsonl").open("w") as f:
+            for prompt, result in zip(chosen, results):
+                f.write(json.dumps({"prompt": prompt, **result.to_dict()}) + "\n")
         report = step_report(results, chosen)
         report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
         report["failures"] = report["failures"][:10]
@@ -606,9 +609,60 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
     return out
 
 
+NATURAL = ROOT.parent / "shared" / "benchmarks" / "natural"
+
+
+def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, prompts: int = 10,
+                                  max_regions: int = 8) -> dict:
+    """SmolLM2-135M's plans (constrained decoding, boxes_from=arranger) on the first ``prompts`` prompts of
+    ../shared/benchmarks/natural/dev.jsonl, scored with its score_natural.py beside the offline planner's
+    plans of the same prompts. The honest floor of the LLM path on CPU; ``steps``/``size``/``repeats``
+    unused."""
+    import subprocess
+
+    import torch
+    from mepg_planner_testing import find_smollm2_gguf
+
+    from mepg_core.planner import plan_offline
+    from mepg_core.planner.backends import TransformersBackend
+    from mepg_core.planner.chain import plan_with_backend
+
+    torch.set_num_threads(1)
+    items = [json.loads(line) for line in (NATURAL / "dev.jsonl").read_text().splitlines() if line.strip()]
+    items = items[:prompts]
+    subset = RESULTS / "natural_subset.jsonl"
+    subset.write_text("".join(json.dumps(it) + "\n" for it in items))
+    backend = TransformersBackend(find_smollm2_gguf(), device="cpu")
+    files = {"smollm2_arranger": RESULTS / "natural_smollm2_arranger.jsonl",
+             "offline": RESULTS / "natural_offline.jsonl"}
+    paths: dict[str, int] = {}
+    seconds = []
+    with files["smollm2_arranger"].open("w") as llm, files["offline"].open("w") as off:
+        for it in items:
+            started = time.perf_counter()
+            result = plan_with_backend(it["prompt"], backend, max_regions=max_regions, repair_rounds=0,
+                                       boxes_from="arranger")
+            seconds.append(time.perf_counter() - started)
+            paths[result.path] = paths.get(result.path, 0) + 1
+            print(f"  natural {it['id']}: {result.path} in {seconds[-1]:.1f} s", flush=True)
+            llm.write(result.layout.to_json() + "\n")
+            off.write(plan_offline(it["prompt"], max_regions=max_regions).to_json() + "\n")
+            llm.flush()
+            off.flush()
+    scores = {}
+    for name, path in files.items():
+        done = subprocess.run([sys.executable, str(NATURAL / "score_natural.py"), str(subset), str(path)],
+                              capture_output=True, text=True, check=True)
+        scores[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"set": f"dev.jsonl, first {len(items)} prompts ({items[0]['id']}..{items[-1]['id']})",
+            "settings": {"max_regions": max_regions, "repair_rounds": 0, "constrained": True},
+            "paths": paths, "seconds_per_plan": round(sum(seconds) / len(seconds), 2), "scores": scores}
+
+
 BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl, "moe": bench_moe,
            "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training,
-           "gate_training_distributed": bench_gate_training_distributed, "planner_smollm2": bench_planner_smollm2}
+           "gate_training_distributed": bench_gate_training_distributed, "planner_smollm2": bench_planner_smollm2,
+           "planner_smollm2_natural": bench_planner_smollm2_natural}
 
 
 def main() -> int:
@@ -631,6 +685,8 @@ def main() -> int:
     for name in a.only or sorted(BENCHES):
         size = a.size if a.size or name.startswith("cross_denoise") else 512
         extra = {"unet": a.unet} if name == "cross_denoise" else {}
+        if name == "planner_smollm2_natural":
+            extra = {"prompts": a.prompts if a.prompts != 20 else 10}
         if name == "planner_smollm2":
             extra = {"prompts": a.prompts, "configs": tuple(a.planner_configs or PLANNER_CONFIGS), "tag": a.tag}
         result = BENCHES[name](a.steps, size, a.repeats, **extra)

@@ -130,7 +130,7 @@ def step_report(results, prompts) -> dict:
 
     from mepg_core.planner.chain import STEP_NAMES, JSONExtractionError, extract_json
 
-    steps = {name: {"asked": 0, "valid": 0, "schema_valid": 0, "first_valid": 0, "plans": 0}
+    steps = {name: {"asked": 0, "valid": 0, "schema_valid": 0, "first_valid": 0, "plans": 0, "seconds": 0.0}
              for name in STEP_NAMES}
     paths: dict[str, int] = {}
     failures = []
@@ -144,6 +144,7 @@ def step_report(results, prompts) -> dict:
             validator = jsonschema.Draft202012Validator(t.schema.schema) if t.schema is not None else None
             for k, a in enumerate(t.attempts):
                 row["asked"] += 1
+                row["seconds"] += a.seconds
                 ok = a.error is None and not a.problems
                 row["valid"] += ok
                 row["first_valid"] += ok and k == 0
@@ -162,6 +163,7 @@ def step_report(results, prompts) -> dict:
     for row in steps.values():
         row["valid_rate"] = round(row["valid"] / row["asked"], 3) if row["asked"] else None
         row["schema_valid_rate"] = round(row["schema_valid"] / row["asked"], 3) if row["asked"] else None
+        row["seconds_per_answer"] = round(row.pop("seconds") / row["asked"], 2) if row["asked"] else None
     return {"steps": steps, "paths": paths, "failures": failures}
 
 
