@@ -525,3 +525,22 @@ def test_a_backend_without_a_schema_parameter_still_plans():
             return "old"
 
     assert plan_with_backend(PROMPT, Old()).path == chain.PATH_CHAIN
+
+
+def test_step1_counts_over_max_regions_are_cut_like_the_offline_planner():
+    answer = {"elements": [{"label": "apple", "count": 3, "position": "left", "attrs": []},
+                           {"label": "pear", "count": 2, "position": "right", "attrs": []}], "relations": []}
+    checked = chain._validate_step1(answer, max_regions=3)
+    assert not checked.problems
+    assert [(e["label"], e["count"]) for e in checked.value["elements"]] == [("apple", 2), ("pear", 1)]
+    assert "only 3 regions are allowed" in checked.warnings[0]
+
+
+def test_flat_boxes_are_widened_with_a_warning():
+    flat = dict(STEP2, boxes=[dict(b) for b in STEP2["boxes"]])
+    flat["boxes"][3]["box"] = [770, 180, 770, 920]
+    result = plan_with_backend(PROMPT, CallableBackend(Scripted({2: [json.dumps(flat)]})), repair_rounds=0)
+    assert result.path == chain.PATH_CHAIN
+    x1, y1, x2, y2 = result.layout.regions[3].box
+    assert (y1, y2) == (180, 920) and x1 < 770 < x2 and x2 - x1 == chain.MIN_BOX_SIDE
+    assert any("has no area; widened" in w for w in result.warnings)
