@@ -307,8 +307,7 @@ def _read_obj(spec: Obj, value: Any, path: str, problems: list[str]) -> Any:
     if isinstance(value, list) and spec.bare_list is not None:
         value = {spec.bare_list: value}
     if not isinstance(value, dict):
-        what = "a JSON object" if path == "$" else "an object"
-        problems.append(f"{path}: expected {what}, got {_type_name(value)}" if path == "$" else
+        problems.append(f"$: expected a JSON object, got {_type_name(value)}" if path == "$" else
                         f"{path}: must be an object, got {_type_name(value)}")
         return None
     out: dict[str, Any] = {}
