@@ -645,8 +645,8 @@ def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, promp
             seconds.append(time.perf_counter() - started)
             paths[result.path] = paths.get(result.path, 0) + 1
             print(f"  natural {it['id']}: {result.path} in {seconds[-1]:.1f} s", flush=True)
-            llm.write(result.layout.to_json() + "\n")
-            off.write(plan_offline(it["prompt"], max_regions=max_regions).to_json() + "\n")
+            llm.write(json.dumps(result.layout.to_dict()) + "\n")  # one layout per line
+            off.write(json.dumps(plan_offline(it["prompt"], max_regions=max_regions).to_dict()) + "\n")
             llm.flush()
             off.flush()
     scores = {}
