@@ -8,7 +8,21 @@ The schedule, for step ``i`` (0-based) of ``N``:
 - ``stage(i) = local`` while ``i + 1 <= p1 * N`` (the paper's ``t <= p1 N`` with ``t = i + 1``), else
   ``global``. Every ``interleave``-th local step (``(i + 1) % interleave == 0``) is a global step, to keep
   the picture aligned while regions develop (``interleave = 0`` disables this).
-- A **global step** is one ordinary denoiser call with the global prompt on the whole latent.
+- A **global step** runs the global prompt on the whole latent. How region experts take part is the
+  ``global_mode``:
+
+  - ``"fusion"`` (the paper's global phase, eq. 2, ``x_t = sum_i alpha_i(t) x_t^(i)``): the global pass
+    (routed by the gate alone: the "global expert") plus, per region, a pass on its window with its own
+    prompt and expert seeing the current latent (no isolation: the picture is one now), fused like a local
+    step with the global pass as the background: ``x0 = w_g * D_g + sum_i w_i * D_i``,
+    ``w_i = alpha_g(t) * weight_i * m_i``, ``w_g = 1 - sum_i w_i``. ``alpha_g`` falls linearly from
+    ``global_alpha_start`` at the first step of the global phase to ``global_alpha_end`` at the last step;
+    interleaved global steps of the local phase use ``global_alpha_start``. Regions whose weight is 0 at a
+    step cost nothing, so ``alpha_g = 0`` is one plain pass. Cost per global step: ``1 + window coverage``
+    UNet passes (``window_coverage``; the windows of the local steps).
+  - ``"bias"`` (cheaper: one pass): the global pass only, with the MoE routing favouring each region's
+    experts inside its mask by the patch's ``global_region_bias`` (see :mod:`.moe_routing`); region
+    prompts take no part.
 - A **local step** denoises each region's window (its box grown by a context margin, aligned to a
   multiple of ``align`` latent cells; SDXL's UNet halves the size twice, so 4 cells suffice) with the
   region's own prompt, and the background with the global prompt, then fuses the predictions:
@@ -36,6 +50,7 @@ import torch
 
 LOCAL = "local"
 GLOBAL = "global"
+GLOBAL_MODES = ("fusion", "bias")
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,21 @@ class CrossDenoiseSettings:
     alpha_end: float = 1.0
     context_margin: int = 4
     align: int = 4
+    # Defaults argued in web/docs/MEPG_CrossDenoiseKSampler.md: the global expert leads (alpha < 0.5) and
+    # takes over completely by the last step, so seams between windows are finished by one pass.
+    global_mode: str = "fusion"
+    global_alpha_start: float = 0.4
+    global_alpha_end: float = 0.0
 
     def validate(self) -> None:
         problems = []
+        if self.global_mode not in GLOBAL_MODES:
+            problems.append(f"global_mode must be one of {GLOBAL_MODES}, got {self.global_mode!r}")
         if not 0.0 <= self.p1 <= 1.0:
             problems.append(f"p1 must be in [0, 1], got {self.p1}")
         if self.interleave < 0:
             problems.append(f"interleave must be >= 0, got {self.interleave}")
-        for name in ("alpha_start", "alpha_end"):
+        for name in ("alpha_start", "alpha_end", "global_alpha_start", "global_alpha_end"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {v}")
@@ -90,6 +112,18 @@ def local_alpha(step: int, n_steps: int, settings: CrossDenoiseSettings) -> floa
         return settings.alpha_start
     f = min(1.0, max(0.0, step / (n_local - 1)))
     return settings.alpha_start + (settings.alpha_end - settings.alpha_start) * f
+
+
+def global_alpha(step: int, n_steps: int, settings: CrossDenoiseSettings) -> float:
+    """Region weight ``alpha_g`` at a global step (fusion mode): linear from ``global_alpha_start`` at the
+    first global-phase step to ``global_alpha_end`` at the last step; ``global_alpha_start`` for global
+    steps interleaved in the local phase. 0 in bias mode (no region passes)."""
+    if settings.global_mode != "fusion":
+        return 0.0
+    n_local = local_step_count(n_steps, settings.p1)
+    span = n_steps - 1 - n_local
+    f = 0.0 if span <= 0 else min(1.0, max(0.0, (step - n_local) / span))
+    return settings.global_alpha_start + (settings.global_alpha_end - settings.global_alpha_start) * f
 
 
 def step_index(sigma: float, sigmas: Sequence[float]) -> int:
@@ -236,6 +270,27 @@ def local_step(x: torch.Tensor, x_ref: torch.Tensor, plan: LocalPlan, alpha: flo
         x1, y1, x2, y2 = bg_window
         seen = _compose(x, x_ref, plan.visible[plan.n_regions].to(x.device))[..., y1:y2, x1:x2]
         out[..., y1:y2, x1:x2] += bg_weight[y1:y2, x1:x2] * denoise(plan.n_regions, seen)
+    return out
+
+
+def global_step(x: torch.Tensor, plan: LocalPlan, alpha: float, denoise: Denoise) -> torch.Tensor:
+    """One fused global prediction (fusion mode).
+
+    ``denoise(pass_index, x_in)``: for ``pass_index == n_regions`` the global pass on the whole latent
+    ``x`` ``[B, C, H, W]``; for a region, its pass on its window crop of ``x`` (the current latent
+    everywhere). Passes whose weight is zero everywhere are skipped (``alpha = 0``: the global pass only).
+    Returns ``[B, C, H, W]``.
+    """
+    weights, g_weight = fusion_weights(plan, alpha)
+    weights = weights.to(x.device, x.dtype)
+    g_weight = g_weight.to(x.device, x.dtype)
+    out = torch.zeros_like(x)
+    if bool((g_weight > 0).any()):
+        out = g_weight * denoise(plan.n_regions, x)
+    for i, (x1, y1, x2, y2) in enumerate(plan.windows):
+        wi = weights[i, y1:y2, x1:x2]
+        if bool((wi > 0).any()):
+            out[..., y1:y2, x1:x2] += wi * denoise(i, x[..., y1:y2, x1:x2])
     return out
 
 

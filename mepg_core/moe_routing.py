@@ -7,8 +7,10 @@ diffusion model asks :meth:`MoERouting.context_for` for the routing of the call 
 
 Routes:
 
-- a region's **own route** (local window passes): its forced expert (``region.expert``), else its style's
-  experts (``stack.style_prior(region.style)``, equal weights), else the gate;
+- a region's **own route** (local window passes): its forced expert (``region.expert``, one-hot: the gate
+  is not consulted), else its style as a *prior on the gate* (``raw = style_prior × sigmoid(G(x))`` per
+  token, so a trained gate still shapes routing among the style's experts and experts outside the style get
+  nothing; with an untrained uniform gate this is equal weights over the style's experts), else the gate;
 - **global passes**: tokens inside a region's mask get ``prior = (1 - bias) + bias * own`` on top of
   the gate, so the global expert mix leads and the region's expert is favoured by ``bias``; tokens
   outside every region are routed by the gate alone;
@@ -95,12 +97,15 @@ class MoERouting:
         return prior / prior.sum()
 
     def own_route(self, expert: str | None, style: str | None) -> RegionRoute:
+        """A forced expert stays forced; a style multiplies the gate (``prior × sigmoid(G(x))``), it does not
+        replace it. Cost: with a linear gate a styled region's tokens are routed per token (gate matmul plus
+        one pass per expert the prior allows) instead of one merged matmul; a uniform gate keeps the fast path."""
         w = self.own_weights(expert, style)
         if w is None:
             return RegionRoute.gate()
-        if int((w > 0).sum()) == 1:
+        if expert:
             return RegionRoute.forced(int(w.argmax()))
-        return RegionRoute.fixed(w)
+        return RegionRoute.prior((w > 0).float())
 
     def global_route(self, expert: str | None, style: str | None) -> RegionRoute:
         w = self.own_weights(expert, style)

@@ -39,7 +39,18 @@ def canonical_style(text: str | None) -> str:
     for suffix in (" style", "-style"):
         if words.endswith(suffix) and len(words) > len(suffix):
             words = words[: -len(suffix)].strip()
-    return STYLE_PHRASES.get(words) or _TAG_ALIASES.get(words) or words
+    found = STYLE_PHRASES.get(words) or _TAG_ALIASES.get(words)
+    if found:
+        return found
+    # A phrase as people write it ("food photography", "watercolor painting"): its longest known part.
+    tokens = words.split()
+    for n in range(min(3, len(tokens)), 0, -1):
+        for i in range(len(tokens) - n + 1):
+            part = " ".join(tokens[i:i + n])
+            hit = STYLE_PHRASES.get(part) or _TAG_ALIASES.get(part)
+            if hit:
+                return hit
+    return words
 
 
 def style_family(text: str | None) -> str | None:

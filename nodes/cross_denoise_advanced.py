@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .cross_denoise_nodes import run_cross_denoise, sampling_inputs, schedule_inputs, settings_from_inputs
+from .cross_denoise_nodes import (
+    DEFAULT_GLOBAL,
+    global_phase_inputs,
+    run_cross_denoise,
+    sampling_inputs,
+    schedule_inputs,
+    settings_from_inputs,
+)
 from .types import CATEGORY, RegionsType
 
 
@@ -40,6 +47,7 @@ class CrossDenoiseKSamplerAdvanced(io.ComfyNode):
                                tooltip="enable: stop at end_at_step's noise level, for another sampler to finish; "
                                        "disable: denoise fully at the last step run."),
                 *schedule_inputs(),
+                *global_phase_inputs(),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The (partly) denoised latent.")],
         )
@@ -47,8 +55,12 @@ class CrossDenoiseKSamplerAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, regions, start_at_step, end_at_step, return_with_leftover_noise, p1, interleave,
-                alpha_start, alpha_end, context_margin_px) -> io.NodeOutput:
-        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px)
+                alpha_start, alpha_end, context_margin_px, global_phase=DEFAULT_GLOBAL.global_mode,
+                global_alpha_start=DEFAULT_GLOBAL.global_alpha_start,
+                global_alpha_end=DEFAULT_GLOBAL.global_alpha_end) -> io.NodeOutput:
+        settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px,
+                                        node="MEPG Cross-Denoise KSampler Advanced", global_phase=global_phase,
+                                        global_alpha_start=global_alpha_start, global_alpha_end=global_alpha_end)
         samples = run_cross_denoise(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                     latent_image, regions, settings, 1.0, disable_noise=add_noise == "disable",
                                     start_step=start_at_step, last_step=end_at_step,

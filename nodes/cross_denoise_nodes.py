@@ -88,8 +88,23 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         kind = cd.stage(step, self._plan.n_steps, self.settings)
         if kind == cd.GLOBAL:
             self.stats["global_steps"] += 1
-            with self._route("global", None, None):
-                return _finite(super().predict_noise(x, timestep, model_options, seed), step, "global")
+            if self.settings.global_mode == "bias" or not self._plan.n_regions:
+                self.stats["passes"].append((step, "global", tuple(x.shape[-2:])))
+                with self._route("global", None, None):
+                    return _finite(super().predict_noise(x, timestep, model_options, seed), step, "global")
+            alpha_g = cd.global_alpha(step, self._plan.n_steps, self.settings)
+
+            def fused(pass_index: int, x_in: torch.Tensor) -> torch.Tensor:
+                if pass_index < self._plan.n_regions:
+                    return self._region_pass(step, pass_index, x_in, timestep, model_options, seed, "global_")
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                self.stats["passes"].append((step, "global", tuple(x_in.shape[-2:])))
+                # The global expert: the gate alone routes this pass; regions act through alpha_g.
+                with self._route("global", None, None, with_regions=False):
+                    out = comfy.samplers.CFGGuider.predict_noise(self, x_in, timestep, model_options, seed)
+                return _finite(out, step, "global")
+
+            return cd.global_step(x, self._plan, alpha_g, fused)
 
         self.stats["local_steps"] += 1
         alpha = cd.local_alpha(step, self._plan.n_steps, self.settings)
@@ -98,23 +113,34 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
                                  self._latent_in.to(x), max_denoise=False)
 
         def denoise(pass_index: int, x_in: torch.Tensor) -> torch.Tensor:
+            if pass_index < self._plan.n_regions:
+                return self._region_pass(step, pass_index, x_in, timestep, model_options, seed)
             comfy.model_management.throw_exception_if_processing_interrupted()
-            if pass_index == self._plan.n_regions:
-                name, cond_key, window = "background", "positive", self._background_window(alpha, x_in)
-            else:
-                name, cond_key = f"region_{pass_index}", f"mepg_region_{pass_index}"
-                window = self._plan.windows[pass_index]
+            window = self._background_window(alpha, x_in)
             if window is not None and (window[3] - window[1], window[2] - window[0]) != tuple(x_in.shape[-2:]):
-                raise RuntimeError(f"MEPG Cross-Denoise: {name} pass on {tuple(x_in.shape[-2:])}, window {window}")
-            positive, negative = self._pass_conds(cond_key, window)
-            self.stats["passes"].append((step, name, tuple(x_in.shape[-2:])))
-            with self._route("local", None if cond_key == "positive" else pass_index, window):
+                raise RuntimeError(f"MEPG Cross-Denoise: background pass on {tuple(x_in.shape[-2:])}, window {window}")
+            positive, negative = self._pass_conds("positive", window)
+            self.stats["passes"].append((step, "background", tuple(x_in.shape[-2:])))
+            with self._route("local", None, window):
                 out = comfy.samplers.sampling_function(self.inner_model, x_in, timestep, negative, positive,
                                                        self.cfg, model_options=model_options, seed=seed)
-            what = name if cond_key == "positive" else f"{name} ({self.region_set.regions[pass_index].label!r})"
-            return _finite(out, step, what)
+            return _finite(out, step, "background")
 
         return cd.local_step(x, x_ref, self._plan, alpha, denoise)
+
+    def _region_pass(self, step: int, index: int, x_in: torch.Tensor, timestep, model_options, seed,
+                     prefix: str = "") -> torch.Tensor:
+        """Region ``index``'s prediction on its window crop ``x_in``: its prompt, routed to its experts."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        name, window = f"{prefix}region_{index}", self._plan.windows[index]
+        if (window[3] - window[1], window[2] - window[0]) != tuple(x_in.shape[-2:]):
+            raise RuntimeError(f"MEPG Cross-Denoise: {name} pass on {tuple(x_in.shape[-2:])}, window {window}")
+        positive, negative = self._pass_conds(f"mepg_region_{index}", window)
+        self.stats["passes"].append((step, name, tuple(x_in.shape[-2:])))
+        with self._route("local", index, window):
+            out = comfy.samplers.sampling_function(self.inner_model, x_in, timestep, negative, positive,
+                                                   self.cfg, model_options=model_options, seed=seed)
+        return _finite(out, step, f"{name} ({self.region_set.regions[index].label!r})")
 
     def _pass_conds(self, cond_key: str, window):
         """(positive, negative) processed conditions of a pass on ``window`` (None: the whole latent)."""
@@ -128,9 +154,12 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         _, bg_weight = cd.fusion_weights(self._plan, alpha)
         return cd.background_window(bg_weight, self.settings.context_margin, self.settings.align)
 
-    def _route(self, kind, region_index, window):
+    def _route(self, kind, region_index, window, with_regions: bool = True):
+        """Announce a pass to the MoE routing; ``with_regions=False``: a global pass routed by the gate alone."""
         if self.routing is None:
             return contextlib.nullcontext()
+        if not with_regions:
+            return self.routing.enter(kind, region_index, (), None)
         return self.routing.enter(kind, region_index, self.region_set.regions, self._plan.masks)
 
 
@@ -149,14 +178,46 @@ def model_routing(model):
     return None if attachment is None else attachment.routing
 
 
+DEFAULT_GLOBAL = cd.CrossDenoiseSettings()
+
+
 def settings_from_inputs(p1: float, interleave: int, alpha_start: float, alpha_end: float,
-                         context_margin_px: int, node: str = "MEPG Cross-Denoise") -> cd.CrossDenoiseSettings:
+                         context_margin_px: int, node: str = "MEPG Cross-Denoise",
+                         global_phase: str = DEFAULT_GLOBAL.global_mode,
+                         global_alpha_start: float = DEFAULT_GLOBAL.global_alpha_start,
+                         global_alpha_end: float = DEFAULT_GLOBAL.global_alpha_end) -> cd.CrossDenoiseSettings:
     for name, value, lo, hi in (("p1", p1, 0, 1), ("interleave", interleave, 0, None),
                                 ("alpha_start", alpha_start, 0, 1), ("alpha_end", alpha_end, 0, 1),
-                                ("context_margin_px", context_margin_px, 0, None)):
+                                ("context_margin_px", context_margin_px, 0, None),
+                                ("global_alpha_start", global_alpha_start, 0, 1),
+                                ("global_alpha_end", global_alpha_end, 0, 1)):
         check_number(node, name, value, lo, hi)
+    check_choice(node, "global_phase", global_phase, cd.GLOBAL_MODES)
     return cd.CrossDenoiseSettings(p1=p1, interleave=interleave, alpha_start=alpha_start, alpha_end=alpha_end,
-                                   context_margin=-(-context_margin_px // 8), align=4)
+                                   context_margin=-(-context_margin_px // 8), align=4, global_mode=global_phase,
+                                   global_alpha_start=global_alpha_start, global_alpha_end=global_alpha_end)
+
+
+def global_phase_inputs() -> list:
+    """Optional (so workflows saved before them load, with these defaults); the last inputs of each node."""
+    return [
+        io.Combo.Input("global_phase", options=list(cd.GLOBAL_MODES), default=DEFAULT_GLOBAL.global_mode,
+                       optional=True,
+                       tooltip="How regions take part in global steps. fusion (the paper's): the global pass "
+                               "plus each region's window with its own prompt and expert, blended inside its "
+                               "mask by global_alpha (costs 1 + window coverage passes per global step). bias: "
+                               "one pass, the MoE gate favouring each region's experts inside its mask by the "
+                               "patch's global_region_bias (region prompts take no part; cheaper)."),
+        io.Float.Input("global_alpha_start", default=DEFAULT_GLOBAL.global_alpha_start, min=0.0, max=1.0,
+                       step=0.05, optional=True,
+                       tooltip="fusion: a region's weight inside its mask at the first global-phase step (and "
+                               "at global steps interleaved in the local phase); the global pass gets the rest. "
+                               "Below 0.5 the global pass leads, as in the paper."),
+        io.Float.Input("global_alpha_end", default=DEFAULT_GLOBAL.global_alpha_end, min=0.0, max=1.0, step=0.05,
+                       optional=True,
+                       tooltip="fusion: a region's weight at the last step; it moves linearly between the two. "
+                               "0 = the last step is the global pass alone (one pass, seams finished by it)."),
+    ]
 
 
 def schedule_inputs() -> list:
@@ -215,15 +276,19 @@ class CrossDenoiseKSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1 keeps part of the input latent (img2img); p1 applies to the "
                                        "steps actually run."),
+                *global_phase_inputs(),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The denoised latent.")],
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, regions,
-                p1, interleave, alpha_start, alpha_end, context_margin_px, denoise) -> io.NodeOutput:
+                p1, interleave, alpha_start, alpha_end, context_margin_px, denoise,
+                global_phase=DEFAULT_GLOBAL.global_mode, global_alpha_start=DEFAULT_GLOBAL.global_alpha_start,
+                global_alpha_end=DEFAULT_GLOBAL.global_alpha_end) -> io.NodeOutput:
         settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px,
-                                        node="MEPG Cross-Denoise KSampler")
+                                        node="MEPG Cross-Denoise KSampler", global_phase=global_phase,
+                                        global_alpha_start=global_alpha_start, global_alpha_end=global_alpha_end)
         samples = run_cross_denoise(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                     latent_image, regions, settings, denoise)
         out = latent_image.copy()
@@ -309,15 +374,19 @@ class CrossDenoiseGuiderNode(io.ComfyNode):
                 io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),
                 *schedule_inputs(),
+                *global_phase_inputs(),
             ],
             outputs=[io.Guider.Output("guider", display_name="guider", tooltip="For SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, regions, cfg, p1, interleave, alpha_start, alpha_end,
-                context_margin_px) -> io.NodeOutput:
+                context_margin_px, global_phase=DEFAULT_GLOBAL.global_mode,
+                global_alpha_start=DEFAULT_GLOBAL.global_alpha_start,
+                global_alpha_end=DEFAULT_GLOBAL.global_alpha_end) -> io.NodeOutput:
         settings = settings_from_inputs(p1, interleave, alpha_start, alpha_end, context_margin_px,
-                                        node="MEPG Cross-Denoise Guider")
+                                        node="MEPG Cross-Denoise Guider", global_phase=global_phase,
+                                        global_alpha_start=global_alpha_start, global_alpha_end=global_alpha_end)
         check_number("MEPG Cross-Denoise Guider", "cfg", cfg, 0)
         guider = CrossDenoiseGuider(model, regions, settings, routing=model_routing(model))
         guider.set_conds(positive, negative)

@@ -30,8 +30,9 @@ class RegionalMoERouting(io.ComfyNode):
                 io.Model.Input("model", tooltip="A Gated MoE Patch output."),
                 RegionsType.Input("regions", tooltip="Regions from Region Mask Builder (a CLIP is not needed)."),
                 io.Combo.Input("route", options=list(ROUTE_MODES), default="region expert",
-                               tooltip="region expert: a region's tokens use its expert alone (its style's experts "
-                                       "equally), as in its Cross-Denoise window. favour region expert: the gate "
+                               tooltip="region expert: a region's tokens use its forced expert alone, or the gate "
+                                       "restricted to its style's experts (style prior x gate), as in its "
+                                       "Cross-Denoise window. favour region expert: the gate "
                                        "decides, with the region's experts favoured by the patch's "
                                        "global_region_bias, as in Cross-Denoise global steps. Regions without "
                                        "expert or style, and tokens outside every region, use the gate."),

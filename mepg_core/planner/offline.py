@@ -16,10 +16,14 @@ import unicodedata
 from ..layout import MAX_CANVAS, MAX_REGIONS, MAX_TEXT_CHARS, Canvas, Layout, Region
 from . import lexicon as lx
 from .arrange import arrange
-from .parse import Mention, Scene, article, parse_prompt
+from .compose import compose
+from .parse import article, parse_prompt
+from .region_text import REGION_PROMPT_WORDS, region_prompt
+from .scene import Mention, Scene
+
+ENGINES = ("rules", "english")
 
 PARSE_CHARS = 2000        # characters read for objects; the global prompt keeps up to MAX_TEXT_CHARS
-REGION_PROMPT_WORDS = 40  # CLIP reads 77 tokens; a region prompt this short always fits
 FALLBACK_BOX = (60, 60, 940, 940)
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -46,14 +50,21 @@ def plan_offline(
     width: int = 1024,
     height: int = 1024,
     seed: int = 0,
+    engine: str = "rules",
 ) -> Layout:
     """Plan a layout for ``prompt`` with rules only; the same arguments always give the same layout.
 
     ``max_regions`` caps the number of regions (instances beyond it are dropped, later objects first
     once every object has one); ``width``/``height`` are the canvas in pixels (boxes keep believable
     aspect ratios on it); ``seed`` 0 gives the canonical layout, any other seed jitters sizes and
-    positions reproducibly. Raises ``ValueError`` for an empty prompt or bad arguments.
+    positions reproducibly. ``engine`` picks the reading: ``"rules"`` (word rules tuned on GenEval-like
+    prompts; the default for now) or ``"english"`` (a real English parse with spaCy, :mod:`.reader`,
+    and the composition arranger, :mod:`.compose`; for prompts as people write them). Raises
+    ``ValueError`` for an empty prompt or bad arguments, :class:`.reading.EnglishPipelineMissing` when the
+    English engine's pipeline is not installed.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     _check_int("max_regions", max_regions, 1, MAX_REGIONS)
@@ -67,7 +78,12 @@ def plan_offline(
     global_prompt = _truncate_words(text, MAX_TEXT_CHARS)
     canvas = Canvas(int(width), int(height))
 
-    scene = parse_prompt(_truncate_words(text, PARSE_CHARS))
+    if engine == "english":
+        from .reader import read_scene  # loads spaCy on first use
+
+        scene = read_scene(_truncate_words(text, PARSE_CHARS))
+    else:
+        scene = parse_prompt(_truncate_words(text, PARSE_CHARS))
     mentions = [m for m in scene.mentions if m.count > 0 and m.label]
     foreign = _looks_foreign(text, scene)
     if not mentions or foreign:
@@ -79,15 +95,17 @@ def plan_offline(
     kept = {m.index for m in mentions}
     relations = [r for r in scene.relations if r.subject in kept and all(t in kept for t in r.targets)]
     rng = random.Random(f"{seed}\x00{text}") if seed else None
-    boxes = arrange(mentions, relations, canvas.width, canvas.height, rng)
+    place = compose if engine == "english" else arrange
+    boxes = place(mentions, relations, canvas.width, canvas.height, rng)
 
     default_style = scene.global_style or scene.framing_style
     regions = []
     for m in mentions:
-        region_prompt = region_text(m)
         style = m.style or default_style
-        for box in boxes.get(m.index, []):
-            regions.append(Region(label=m.label, prompt=region_prompt, box=box, style=style))
+        instance_words = _instance_words(m, boxes.get(m.index, []))
+        for box, extra in zip(boxes.get(m.index, []), instance_words):
+            text = region_prompt(m, extra) if engine == "english" else region_text(m)
+            regions.append(Region(label=m.label, prompt=text, box=box, style=style))
     negative = ", ".join(dict.fromkeys(scene.negatives))
     return Layout(global_prompt=global_prompt, regions=tuple(regions), canvas=canvas,
                   negative_prompt=_truncate_words(negative, MAX_TEXT_CHARS))
@@ -126,7 +144,7 @@ def _cap_counts(mentions: list[Mention], max_regions: int) -> None:
 
 
 def region_text(m: Mention) -> str:
-    """The region's own prompt: its modifiers, its noun, its pose and attached details; nothing else."""
+    """The rules engine's region prompt: its modifiers, its noun, its pose and attached details."""
     words = [w for w in m.modifiers if w != "and"]
     noun = m.head_text or m.label
     if m.label in lx.PLURALIA_TANTUM:
@@ -141,6 +159,19 @@ def region_text(m: Mention) -> str:
     if len(parts) > REGION_PROMPT_WORDS:
         text = " ".join(parts[:REGION_PROMPT_WORDS])
     return _truncate_words(text, MAX_TEXT_CHARS)
+
+
+def _instance_words(m: Mention, boxes: list) -> list[str]:
+    """Words for single instances ("the one in the middle is black"), by where their box is."""
+    extra = [""] * len(boxes)
+    if not m.one_of or not boxes:
+        return extra
+    order = sorted(range(len(boxes)), key=lambda k: (boxes[k][0] + boxes[k][2], boxes[k][1]))
+    for where, words in m.one_of:
+        pick = {"left": order[0], "right": order[-1], "first": order[0], "last": order[-1]}.get(
+            where, order[len(order) // 2])
+        extra[pick] = f"{extra[pick]} {words}".strip()
+    return extra
 
 
 def _looks_foreign(text: str, scene: Scene) -> bool:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import lexicon as lx
+from .scene import Mention, Relation, Scene
 
 MAX_TOKENS = 400  # a 10,000-character prompt is read up to here; the rest stays in the global prompt
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*|[,;.:!?&()]")
@@ -56,47 +57,6 @@ _HOLDS_WITH = frozenset({"bowl", "box", "basket", "vase", "cup", "mug", "jar", "
                          "fishbowl", "cart", "wagon", "pan", "bottle", "barrel", "tub", "bathtub"})
 _MEDIUM_STYLE_WORDS = frozenset({"painting", "drawing", "illustration", "art", "artwork", "render",
                                  "rendering", "style", "styled", "sketch", "image", "picture"})
-
-
-@dataclass
-class Mention:
-    """One object the prompt names (possibly several instances of it)."""
-
-    index: int
-    label: str
-    count: int
-    count_explicit: bool
-    modifiers: list[str] = field(default_factory=list)  # words before the head, as written
-    head_text: str = ""                                 # the head as it goes in the region prompt
-    post: list[str] = field(default_factory=list)       # pose words after the head ("sleeping")
-    extras: list[str] = field(default_factory=list)     # attached phrases ("wearing a red hat")
-    style: str | None = None
-    size_mult: float = 1.0
-    hint_x: int | None = None   # 0 left, 1 centre, 2 right
-    hint_y: int | None = None   # 0 top, 1 middle, 2 bottom
-    depth: int | None = None    # 0 background, 2 foreground
-    arrangement: str | None = None  # "row", "column" or "grid" for several instances
-    determiner: str = ""        # "the" when the prompt wrote "the sun"
-
-
-@dataclass(frozen=True)
-class Relation:
-    kind: str                # left right above below on under beside between front behind inside holding around
-    subject: int             # mention index
-    targets: tuple[int, ...]
-    explicit: bool = True    # written in the prompt (False: inferred, e.g. "with" on a table)
-
-
-@dataclass
-class Scene:
-    mentions: list[Mention] = field(default_factory=list)
-    relations: list[Relation] = field(default_factory=list)
-    global_style: str | None = None
-    framing_style: str | None = None
-    negatives: list[str] = field(default_factory=list)
-    scene_words: list[str] = field(default_factory=list)
-    known_words: int = 0
-    word_count: int = 0
 
 
 @dataclass

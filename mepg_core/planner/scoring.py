@@ -82,10 +82,12 @@ _STYLE_SYNONYMS = {"photorealistic": "photo", "realistic": "photo", "photograph"
 
 
 def normalize_style(style: str | None) -> str | None:
+    """One spelling per style: "Pixel art style", "pixel-art" and "pixel art" are the same style."""
     if style is None:
         return None
-    text = " ".join(str(style).lower().split())
-    return _STYLE_SYNONYMS.get(text, text) or None
+    from ..styles import canonical_style  # the pack's style vocabulary; imported late (it imports lexicon)
+
+    return canonical_style(str(style)) or None
 
 
 @dataclass

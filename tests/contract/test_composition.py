@@ -114,11 +114,12 @@ class Base:
                           sampler_name="euler", scheduler="normal", positive=pos or self.pos,
                           negative=neg or self.neg, latent_image=latent or self.latent, denoise=denoise)
 
-    def cross(self, regions, model=None, pos=None, neg=None, steps=3, p1=0.7, interleave=0) -> str:
+    def cross(self, regions, model=None, pos=None, neg=None, steps=3, p1=0.7, interleave=0, **extra) -> str:
         return self.g.add("MEPG_CrossDenoiseKSampler", model=model or self.model, seed=SEED, steps=steps, cfg=CFG,
                           sampler_name="euler", scheduler="normal", positive=pos or self.pos,
                           negative=neg or self.neg, latent_image=self.latent, regions=regions, p1=p1,
-                          interleave=interleave, alpha_start=1.0, alpha_end=1.0, context_margin_px=32, denoise=1.0)
+                          interleave=interleave, alpha_start=1.0, alpha_end=1.0, context_margin_px=32, denoise=1.0,
+                          **extra)
 
     def moe(self, tiny_checkpoints, model=None, gate_mode="forced", forced="anime", gate_file="none") -> list:
         stack = None
@@ -286,7 +287,7 @@ def test_regional_routing_in_a_plain_ksampler(comfy, tiny_checkpoints):
     big_latent = out(b.g.add("EmptyLatentImage", width=W + 64, height=H + 64, batch_size=1))
     nodes = [b.ksampler(model=routed(b, moe, forced_full)), b.ksampler(model=anime),
              b.ksampler(model=routed(b, moe, two, route="favour region expert")),
-             b.cross(two, model=moe, p1=0.0),
+             b.cross(two, model=moe, p1=0.0, global_phase="bias"),
              b.ksampler(model=routed(b, moe, forced_full), latent=big_latent),
              b.ksampler(model=anime, latent=big_latent), b.ksampler(model=moe)]
     forced, own, favour, cross_global, big_forced, big_own, uniform = run(comfy, b.g, *nodes)
@@ -501,6 +502,9 @@ def test_hypertile_with_gate_routing_and_refused_with_regions(comfy, tiny_checkp
     assert rel(x_ref, x_untiled) > 1e-4  # HyperTile really tiled
     assert record("forced expert + HyperTile vs checkpoint + HyperTile", rel(x_moe, x_ref), 1e-5) <= 1e-5
     regions = b.regions(("cat", "a cat", [0, 0, 500, 1000], "photo"), width=size, height=size)
-    message = run_error(comfy, b.g, b.cross(regions, model=hypertile(b.moe(tiny_checkpoints, gate_mode="uniform")),
-                                            p1=0.5))
+    tiled_moe = hypertile(b.moe(tiny_checkpoints, gate_mode="uniform"))
+    message = run_error(comfy, b.g, b.cross(regions, model=tiled_moe, p1=0.5, global_phase="bias"))
     assert "HyperTile" in message
+    # Fusion global steps route whole passes (gate, or a region's window), never tokens by region: they run.
+    (fused,) = run(comfy, b.g, b.cross(regions, model=tiled_moe, p1=0.5))
+    assert torch.isfinite(fused).all()

@@ -197,7 +197,8 @@ def test_cross_denoise_routes_each_window_to_its_regions_expert(comfy, loaded, t
     assert (out - own).abs().max().item() <= 1e-4
 
 
-def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tiny_checkpoints):
+@pytest.mark.parametrize("global_phase", ["bias", "fusion"])
+def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tiny_checkpoints, global_phase):
     clip = loaded["clip"]
     layout = {"version": 1, "global_prompt": "a harbour", "regions": [
         {"label": "boat", "prompt": "a boat", "box": [0, 300, 500, 1000], "style": "watercolor"},
@@ -219,7 +220,7 @@ def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tin
         comfy.node("MEPG_CrossDenoiseKSampler").execute(
             patched, SEED, 4, CFG, "euler", "normal", loaded["pos"], loaded["neg"],
             {"samples": torch.zeros(1, 4, 24, 32)}, regions, p1=0.5, interleave=0, alpha_start=1.0, alpha_end=1.0,
-            context_margin_px=32, denoise=1.0)
+            context_margin_px=32, denoise=1.0, global_phase=global_phase, global_alpha_start=0.5)
     finally:
         attachment.routing.context_for = original
     stack_ = attachment.stack
@@ -227,11 +228,17 @@ def test_routing_contexts_seen_during_local_and_global_passes(comfy, loaded, tin
     assert {p.region_index for p, _, _ in local} == {0, 1}
     for p, ctx, _ in local:
         route = ctx.routes[0]
-        want = stack_.expert_index("watercolor") if p.region_index == 0 else stack_.expert_index("photo")
-        assert route.kind == "forced" and route.expert == want
+        if p.region_index == 0:  # a style: a prior on the gate, allowing only the watercolor expert
+            want = [1.0 if i == stack_.expert_index("watercolor") else 0.0 for i in range(stack_.num_experts)]
+            assert route.kind == "prior" and list(route.weights) == want
+        else:  # a forced expert stays forced
+            assert route.kind == "forced" and route.expert == stack_.expert_index("photo")
         assert ctx.row_region.tolist() == [0] * ctx.batch_size
     glob = [(p, c, hw) for p, c, hw in seen if p is not None and p.kind == "global"]
     assert glob, "the global phase was not announced"
+    if global_phase == "fusion":  # the global pass is the gate's; regions come in through their own windows
+        assert all(ctx.region_map is None and not ctx.routes for _, ctx, _ in glob)
+        return
     for _, ctx, hw in glob:
         assert ctx.region_map.shape[1:] == hw
         assert {int(v) for v in ctx.region_map.unique()} == {-1, 0, 1}

@@ -165,10 +165,47 @@ def test_region_routes_own_and_favour():
     routing = MoERouting(stack, global_region_bias=0.25)
     regions = [_Region(expert="anime"), _Region(style="photo"), _Region()]
     own = routing.region_routes(regions, "own")
-    assert [r.kind for r in own] == ["forced", "forced", "gate"] and own[0].expert == 1
+    assert [r.kind for r in own] == ["forced", "prior", "gate"] and own[0].expert == 1
+    assert own[1] == RegionRoute.prior([1.0, 0.0])  # a style is a prior on the gate, even with one expert
     favour = routing.region_routes(regions, "favour")
     assert favour[0] == RegionRoute.prior([0.75, 1.0]) and favour[2].kind == "gate"
     with pytest.raises(ValueError, match="'own' or 'favour'"):
         routing.region_routes(regions, "strong")
     with pytest.raises(ValueError, match="unicorn"):
         routing.region_routes([_Region(expert="unicorn")], "own")
+
+
+def test_a_style_is_a_prior_on_the_gate_and_a_forced_expert_stays_forced():
+    """Inside a styled region the weights are ``style_prior × sigmoid(G(x))`` normalised: a trained gate
+    still decides among the style's experts, experts outside the style get nothing, and a region's forced
+    expert is one-hot whatever the gate says.
+
+    Planted bugs this kills: the style replacing the gate (equal fixed weights over the style's experts:
+    the two gates below would give the same weights); the prior dropped (the non-style expert gets weight);
+    a forced expert turned into a prior (the gate's preference would leak into it)."""
+    experts = (("photo", 1, "photo"), ("anime_a", 2, "anime"), ("anime_b", 3, "anime"))
+    stack = load_expert_stack([ExpertSpec.from_tensors(n, unet_tensors(s), tags=[t]) for n, s, t in experts])
+    routing = MoERouting(stack)
+    weight, bias = rand(E, OUT, IN, seed=1), rand(E, OUT, seed=2)
+    x = rand(1, 6, IN, seed=3)
+    styled, forced = _Region(style="anime"), _Region(expert="anime_b", style="anime")
+    for favoured in (1, 2):  # two gates that prefer different anime experts
+        gate_bias = torch.full((E,), -1.0)
+        gate_bias[favoured] = 2.0
+        gate = SiteGate("linear", E, weight=rand(E, IN, seed=4) * 0.1, bias=gate_bias)
+        module = GatedLinear(weight, bias, gate, MoERuntime(GateOptions()), "spatial", "site")
+        raw = torch.sigmoid(x @ gate.weight.T + gate.bias) * torch.tensor([0.0, 1.0, 1.0])
+        want = raw / raw.sum(-1, keepdim=True)
+        with routing.enter("local", 0, [styled], None):
+            ctx = routing.context_for(1, [0], None, (2, 3))
+        with module.runtime.activate(ctx):
+            got = module.routing_weights(x)
+            out = module(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert bool((got[..., favoured] > 0.65).all()) and bool((got[..., 0] == 0).all())
+        mixed = sum(want[..., e:e + 1] * (x @ weight[e].T + bias[e]) for e in range(E))
+        torch.testing.assert_close(out, mixed, rtol=1e-5, atol=1e-5)
+        with routing.enter("local", 0, [forced], None):
+            ctx = routing.context_for(1, [0], None, (2, 3))
+        with module.runtime.activate(ctx):
+            assert torch.equal(module.routing_weights(x), torch.tensor([0.0, 0.0, 1.0]).expand(1, 6, E))

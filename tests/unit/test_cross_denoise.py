@@ -200,3 +200,46 @@ def test_region_weights_are_checked(weights):
     rs = region_set()
     with pytest.raises(ValueError, match="region weights must be 2 finite numbers >= 0"):
         cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(), 10, weights)
+
+
+# ---------------------------------------------------------------------------------------------- global phase
+
+
+def test_global_alpha_falls_over_the_global_phase_and_is_zero_in_bias_mode():
+    s = settings(p1=0.5, interleave=2, global_alpha_start=0.4, global_alpha_end=0.0)
+    alphas = [cd.global_alpha(i, 10, s) for i in range(10)]
+    # steps 0-4 are the local phase (interleaved global steps there use the start value), 5-9 the global phase
+    assert alphas == pytest.approx([0.4] * 6 + [0.3, 0.2, 0.1, 0.0])
+    assert cd.global_alpha(9, 10, settings(global_mode="bias", global_alpha_start=0.4)) == 0.0
+    with pytest.raises(ValueError, match="global_mode must be one of"):
+        settings(global_mode="blend").validate()
+    with pytest.raises(ValueError, match="global_alpha_end must be in"):
+        settings(global_alpha_end=1.5).validate()
+
+
+def test_global_step_fuses_the_global_pass_with_region_windows():
+    """Region ``i`` weighs ``alpha * m_i`` inside its window, the global pass the rest; every pass sees the
+    current latent (no isolation). Planted bugs this kills: alpha ignored, the global pass dropped or
+    given full weight inside regions, region passes fed the reference latent or the whole canvas."""
+    rs = region_set(feather=16.0)
+    plan = cd.make_local_plan(rs.latent_masks(), [r.latent_box for r in rs.regions], settings(), 10)
+    x = torch.randn(2, 4, 24, 32)
+    seen = {}
+
+    def denoise(i, x_in):
+        seen[i] = x_in.clone()
+        return x_in * (i + 2.0) - i  # depends on what the pass sees
+
+    out = cd.global_step(x, plan, 0.3, denoise)
+    w, g = cd.fusion_weights(plan, 0.3)
+    expected = g * (x * 4.0 - 2)
+    for i, (x1, y1, x2, y2) in enumerate(plan.windows):
+        assert torch.equal(seen[i], x[..., y1:y2, x1:x2])
+        full = torch.zeros_like(x)
+        full[..., y1:y2, x1:x2] = x[..., y1:y2, x1:x2] * (i + 2.0) - i
+        expected = expected + w[i] * full
+    assert torch.equal(seen[2], x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    calls = []
+    plain = cd.global_step(x, plan, 0.0, lambda i, x_in: calls.append(i) or x_in * 4.0 - 2)
+    assert calls == [2] and torch.allclose(plain, x * 4.0 - 2)  # alpha 0: one plain global pass

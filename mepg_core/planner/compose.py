@@ -1,0 +1,330 @@
+"""Composition: boxes for a scene the way an illustrator would lay it out, not a grid.
+
+1. **Sizes** follow real-world sizes, compressed (a bus is ~100x a cup, on the canvas a few times), and
+   main subjects are prominent; background things are smaller, foreground ones larger.
+2. **A tree of relations.** Each thing hangs from at most one other by its first stated relation:
+   resting on its top ("on"), inside it, held at its side, in front of it (lower, overlapping), behind
+   it (higher, smaller, overlapping), beside it, left/right of it, above or below it.
+3. **Roots stand on a ground line** (lower for the foreground, higher for the background; sky things
+   high), spread left to right in the prompt's order, "on the left/right" honoured, a lone main subject
+   in the middle.
+4. The whole is fitted to the canvas and every relation is checked; "between" and "around" go to the
+   constraint grid of :mod:`.arrange`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from . import lexicon as lx
+from .arrange import arrange as grid_arrange
+from .scene import Mention, Relation
+
+FRAME = 1000.0
+EDGE = 24.0             # layout units kept free at the canvas edge
+SIZE_EXPONENT = 0.45    # compress real sizes
+GROUND = 880.0          # bottom of things standing in the middle distance
+GROUND_NEAR = 960.0     # foreground
+GROUND_FAR = 620.0      # background
+SKY_Y = 190.0           # centre height of sky things
+MAIN_MIN_LONG = 360.0   # a main subject's long side, at least
+MIN_LONG = 70.0
+GAP = 36.0
+_PARENT_KINDS = ("on", "inside", "holding", "under", "front", "behind", "above", "below", "left", "right",
+                 "beside")
+
+
+@dataclass
+class Group:
+    """All instances of one mention, laid out together."""
+
+    mention: Mention
+    w: float                     # one instance
+    h: float
+    parent: int | None = None    # mention index
+    how: str | None = None
+    children: list[int] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+
+    def block(self) -> tuple[float, float, int, int]:
+        """(width, height, columns, rows) of the instances side by side (rows of at most 4)."""
+        n = max(1, self.mention.count)
+        cols = n if n <= 4 else min(5, -(-n // 2)) if n <= 10 else -(-n // 3)
+        rows = -(-n // cols)
+        pad = 0.06 if self.how == "on" else 0.12
+        return self.w * (cols + pad * (cols - 1)), self.h * (rows + pad * (rows - 1)), cols, rows
+
+
+def compose(mentions: list[Mention], relations: list[Relation], width: int, height: int,
+            rng: random.Random | None = None) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Boxes for every instance of every mention: ``{mention index: [box, ...]}`` in layout units."""
+    if any(r.kind in ("between", "around") for r in relations):
+        return grid_arrange(mentions, relations, width, height, rng)
+    groups = {m.index: Group(m, 0.0, 0.0) for m in mentions if m.count > 0}
+    _link(groups, relations)
+    _size(groups, width, height)
+    roots = [i for i, g in groups.items() if g.parent is None]
+    _place_roots(groups, roots, rng)
+    for i in roots:
+        _place_children(groups, i)
+    _fit(groups)
+    _prominent(groups)
+    return {i: [_int_box(b) for b in g.boxes] for i, g in groups.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Relations -> a tree
+
+
+def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
+    ordered = sorted(relations, key=lambda r: (not r.explicit, _PARENT_KINDS.index(r.kind)
+                                               if r.kind in _PARENT_KINDS else 99))
+    for r in ordered:
+        if r.kind not in _PARENT_KINDS or not r.targets:
+            continue
+        child, parent = r.subject, r.targets[0]
+        how = r.kind
+        if r.kind == "holding":
+            child, parent = r.targets[0], r.subject
+        if child not in groups or parent not in groups or child == parent or groups[child].parent is not None:
+            continue
+        if _is_ancestor(groups, child, parent):
+            continue
+        groups[child].parent, groups[child].how = parent, how
+        groups[parent].children.append(child)
+
+
+def _is_ancestor(groups: dict[int, Group], node: int, of: int) -> bool:
+    seen = 0
+    while of is not None and seen < 64:
+        if of == node:
+            return True
+        of = groups[of].parent
+        seen += 1
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes
+
+
+def _size(groups: dict[int, Group], width: int, height: int) -> None:
+    roots = [g for g in groups.values() if g.parent is None]
+    long_max = {1: 640.0, 2: 520.0, 3: 420.0}.get(len(roots), 360.0)
+    vis = {}
+    for i, g in groups.items():
+        size, _ = lx.noun_shape(g.mention.label)
+        depth = {0: 0.6, 2: 1.15}.get(g.mention.depth, 1.0)
+        vis[i] = (size ** SIZE_EXPONENT) * g.mention.size_mult * depth
+    top = max((vis[i] for i, g in groups.items() if g.parent is None), default=1.0)
+    for i, g in groups.items():
+        m = g.mention
+        _, aspect = lx.noun_shape(m.label)
+        aspect = aspect * height / width   # layout units stretch with the canvas
+        long = max(MIN_LONG, long_max * min(1.0, vis[i] / top))
+        if m.main:
+            long = max(long, MAIN_MIN_LONG * (0.8 if len(roots) > 2 else 1.0))
+        n = max(1, m.count)
+        if n > 1:
+            long *= max(0.32, 1.25 / (n ** 0.5))
+        w, h = (long, long / aspect) if aspect >= 1 else (long * aspect, long)
+        g.w, g.h = w, h
+    # Children keep to their parent's scale.
+    for g in groups.values():
+        if g.parent is None:
+            continue
+        p = groups[g.parent]
+        limit = {"inside": 0.62, "on": 0.8, "holding": 0.55, "under": 0.5, "front": 0.9, "behind": 1.0}.get(g.how)
+        if limit is not None and not (g.mention.main and g.how in ("front", "behind")):
+            bw, bh, _, _ = g.block()
+            shrink = min(1.0, limit * p.w / bw, (limit * p.h / bh) if g.how in ("inside", "under", "holding")
+                         else 1.0)
+            if g.how == "on":
+                shrink = min(shrink, 0.9 * p.h / bh * 1.4, 0.55 * p.w / bw * max(1, g.mention.count) ** 0.5)
+            g.w, g.h = g.w * shrink, g.h * shrink
+
+
+# --------------------------------------------------------------------------------------------------
+# Placement
+
+
+def _is_sky(m: Mention) -> bool:
+    return m.hint_y == 0 or (m.label in lx.SKY_NOUNS and m.hint_y is None)
+
+
+def _ground(m: Mention) -> float:
+    if m.hint_y == 2 or m.depth == 2:
+        return GROUND_NEAR
+    if m.depth == 0:
+        return GROUND_FAR
+    return GROUND
+
+
+def _extent(groups: dict[int, Group], i: int) -> float:
+    """Width a root needs with what stands beside, left or right of it."""
+    g = groups[i]
+    bw, _, _, _ = g.block()
+    extra = 0.0
+    for c in g.children:
+        if groups[c].how in ("beside", "left", "right"):
+            extra += groups[c].block()[0] + GAP
+        elif groups[c].how in ("front", "behind"):
+            extra += 0.3 * groups[c].block()[0]
+    return bw + extra
+
+
+def _place_roots(groups: dict[int, Group], roots: list[int], rng: random.Random | None) -> None:
+    def key(i: int) -> tuple[int, int]:
+        hx = groups[i].mention.hint_x
+        return (1 if hx is None else hx, 0)
+    order = sorted(roots, key=lambda i: (key(i), roots.index(i)))
+    unhinted = [i for i in order if groups[i].mention.hint_x is None]
+    mains = [i for i in unhinted if groups[i].mention.main]
+    if len(unhinted) >= 3 and mains and unhinted.index(mains[0]) == 0:
+        # the main subject stands in the middle of the others
+        order.remove(mains[0])
+        mid = len(order) // 2
+        order.insert(mid, mains[0])
+    ground_roots = [i for i in order if not _is_sky(groups[i].mention)]
+    sky_roots = [i for i in order if _is_sky(groups[i].mention)]
+    for row, y_of in ((ground_roots, None), (sky_roots, SKY_Y)):
+        if not row:
+            continue
+        widths = [_extent(groups, i) for i in row]
+        total = sum(widths) + GAP * (len(row) - 1)
+        x = (FRAME - total) / 2
+        for i, w in zip(row, widths):
+            g = groups[i]
+            bw, bh, _, _ = g.block()
+            hx = g.mention.hint_x
+            cx = x + bw / 2
+            if len(row) == 1 and hx is not None:
+                cx = {0: 250.0, 1: 500.0, 2: 750.0}[hx]
+            if y_of is None:
+                bottom = _ground(g.mention)
+                top = bottom - bh
+            else:
+                top = y_of - bh / 2
+            if rng is not None:
+                cx += rng.uniform(-0.04, 0.04) * FRAME
+            _fill(g, cx - bw / 2, top)
+            x += w + GAP
+
+
+def _fill(g: Group, x0: float, y0: float) -> None:
+    """Instance boxes in a block whose top-left corner is (x0, y0)."""
+    _, _, cols, rows = g.block()
+    n = max(1, g.mention.count)
+    g.boxes = []
+    for k in range(n):
+        r, c = divmod(k, cols)
+        step = 1.06 if g.how == "on" else 1.12
+        x = x0 + c * g.w * step
+        y = y0 + r * g.h * step
+        g.boxes.append([x, y, x + g.w, y + g.h])
+
+
+def _union(boxes: list[list[float]]) -> list[float]:
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def _place_children(groups: dict[int, Group], i: int) -> None:
+    parent = groups[i]
+    pb = _union(parent.boxes)
+    pw, ph = pb[2] - pb[0], pb[3] - pb[1]
+    pcx = (pb[0] + pb[2]) / 2
+    side = {"beside": 1, "front": 1, "behind": -1}
+    on_slot = 0
+    on_kids = [c for c in parent.children if groups[c].how in ("on", "inside")]
+    right_edge, left_edge = pb[2], pb[0]
+    for c in parent.children:
+        g = groups[c]
+        bw, bh, _, _ = g.block()
+        how = g.how
+        if how in ("on", "inside"):
+            n_slots = len(on_kids)
+            cx = pb[0] + pw * (on_slot + 0.5) / n_slots
+            on_slot += 1
+            if how == "on":
+                # resting on the top surface, drawn a little over its edge
+                flat = parent.mention.label in ("plate", "tray", "rug", "carpet", "towel", "mat", "blanket")
+                bottom = pb[1] + (0.45 if flat else 0.1) * ph
+                top = bottom - bh
+            else:
+                top = pb[1] + (ph - bh) * 0.55
+            x0 = min(max(cx - bw / 2, pb[0] - 0.05 * bw), pb[2] - 0.95 * bw)
+        elif how == "under":
+            x0, top = pcx - bw / 2, pb[3] - bh
+        elif how == "holding":
+            x0, top = pb[2] - 0.55 * bw, pb[1] + 0.45 * ph - bh / 2
+        elif how in ("front", "behind"):
+            s = side[how]
+            side[how] = -s
+            cx = pcx + s * 0.3 * pw
+            bottom = min(pb[3] + 0.07 * FRAME, FRAME - EDGE) if how == "front" else pb[3] - max(70.0, 0.18 * ph)
+            if how == "front" and bottom - pb[3] < 40:
+                bottom = pb[3] + 40
+            x0, top = cx - bw / 2, bottom - bh
+        elif how in ("beside", "right"):
+            x0, top = right_edge + GAP, pb[3] - bh
+            right_edge = x0 + bw
+        elif how == "left":
+            x0, top = left_edge - GAP - bw, pb[3] - bh
+            left_edge = x0
+        elif how == "above":
+            x0, top = pcx - bw / 2, pb[1] - GAP - bh - 0.1 * (bh + ph)
+        else:  # below
+            x0, top = pcx - bw / 2, pb[3] + GAP + 0.1 * (bh + ph)
+        _fill(g, x0, top)
+        _place_children(groups, c)
+
+
+def _fit(groups: dict[int, Group]) -> None:
+    """Scale and move everything into the canvas (keeping relations), then clamp each box."""
+    boxes = [b for g in groups.values() for b in g.boxes]
+    if not boxes:
+        return
+    u = _union(boxes)
+    lo, hi = EDGE, FRAME - EDGE
+    # each axis on its own: squeezing a wide row must not shrink the picture's depth
+    sx = min(1.0, (hi - lo) / max(1.0, u[2] - u[0]))
+    sy = min(1.0, (hi - lo) / max(1.0, u[3] - u[1]))
+    cx, cy = (u[0] + u[2]) / 2, (u[1] + u[3]) / 2
+    for b in boxes:
+        b[0], b[2] = cx + (b[0] - cx) * sx, cx + (b[2] - cx) * sx
+        b[1], b[3] = cy + (b[1] - cy) * sy, cy + (b[3] - cy) * sy
+    u = _union(boxes)
+    dx = (lo - u[0]) if u[0] < lo else (hi - u[2]) if u[2] > hi else 0.0
+    dy = (lo - u[1]) if u[1] < lo else (hi - u[3]) if u[3] > hi else 0.0
+    for b in boxes:
+        b[0] += dx
+        b[2] += dx
+        b[1] += dy
+        b[3] += dy
+
+
+MAIN_MIN_AREA = 0.06 * FRAME * FRAME
+
+
+def _prominent(groups: dict[int, Group]) -> None:
+    """A main subject squeezed below ~6 % of the canvas is grown about its centre (inside the canvas)."""
+    for g in groups.values():
+        if not g.mention.main or not g.boxes:
+            continue
+        big = max((b[2] - b[0]) * (b[3] - b[1]) for b in g.boxes)
+        if big >= MAIN_MIN_AREA:
+            continue
+        f = min(2.5, (MAIN_MIN_AREA / max(big, 1.0)) ** 0.5)
+        for b in g.boxes:
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            hw, hh = (b[2] - b[0]) * f / 2, (b[3] - b[1]) * f / 2
+            cx = min(max(cx, EDGE + hw), FRAME - EDGE - hw) if 2 * hw < FRAME - 2 * EDGE else FRAME / 2
+            cy = min(max(cy, EDGE + hh), FRAME - EDGE - hh) if 2 * hh < FRAME - 2 * EDGE else FRAME / 2
+            b[:] = [cx - hw, cy - hh, cx + hw, cy + hh]
+
+
+def _int_box(b: list[float]) -> tuple[int, int, int, int]:
+    x1, y1 = max(0, min(999, round(b[0]))), max(0, min(999, round(b[1])))
+    x2, y2 = max(x1 + 1, min(1000, round(b[2]))), max(y1 + 1, min(1000, round(b[3])))
+    return x1, y1, x2, y2
