@@ -592,15 +592,16 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
             backends[key] = TransformersBackend(find_smollm2_gguf(), device="cpu", constrain=key)
         backend = backends[key]
         results, seconds = [], []
-        for prompt in chosen:
-            started = time.perf_counter()
-            results.append(plan_with_backend(prompt, backend, max_regions=max_regions, repair_rounds=0,
-                                             boxes_from=boxes_from))
-            seconds.append(time.perf_counter() - started)
-            print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
+        # Each plan's trace as soon as it is made: a long run stopped part-way keeps what it measured.
         with (RESULTS / f"planner_smollm2{tag}.{name}.traces.jsonl").open("w") as f:
-            for prompt, result in zip(chosen, results):
-                f.write(json.dumps({"prompt": prompt, **result.to_dict()}) + "\n")
+            for prompt in chosen:
+                started = time.perf_counter()
+                results.append(plan_with_backend(prompt, backend, max_regions=max_regions, repair_rounds=0,
+                                                 boxes_from=boxes_from))
+                seconds.append(time.perf_counter() - started)
+                print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
+                f.write(json.dumps({"prompt": prompt, "seconds": seconds[-1], **results[-1].to_dict()}) + "\n")
+                f.flush()
         report = step_report(results, chosen)
         report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
         report["failures"] = report["failures"][:10]
