@@ -712,8 +712,8 @@ def _tokens_for(step: int, max_regions: int, override: int | None) -> int:
     if override is not None:
         return override
     # Room for the JSON each step writes; grows with the number of regions it may have to list.
-    per_region = (70, 40, 24, 60)[step]
-    base = (200, 64, 64, 96)[step]
+    per_region = (70, 48, 24, 60)[step]
+    base = (200, 96, 64, 96)[step]
     return min(4096, base + per_region * max_regions)
 
 

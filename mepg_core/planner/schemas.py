@@ -48,7 +48,7 @@ __all__ = [
 
 LABEL_CHARS = 60
 STYLE_CHARS = 40
-ATTR_CHARS = 40
+ATTR_CHARS = 24
 MAX_ATTRS = 4
 ANALYSIS_CHARS = 400
 PLACE_CHARS = 60
@@ -60,7 +60,9 @@ ROUGH_PROMPT_WORDS = 12
 # lower-case words; a size and a rough place come from short lists (a small model asked for free text
 # there copies the template's "small|medium|large").
 LABEL_WORDS = 4
-LOWER_WORD = "[a-z][a-z'-]*"
+# A word of at most 16 letters: a small model under a grammar otherwise runs words together
+# ("theleftofgreenpear...") until the answer's token budget is gone.
+LOWER_WORD = "[a-z][a-z'-]{0,15}"
 SIZES = ("small", "medium", "large")
 PLACES = ("left", "right", "top", "bottom", "centre", "upper left", "upper right", "lower left", "lower right",
           "background", "foreground", "anywhere")
@@ -96,7 +98,7 @@ class Text:
     enum: tuple[str, ...] | None = None
     words: int | None = None
     lenient: bool = False
-    word: str = r"[^\s<>]+"
+    word: str = r"[^\s<>]{1,24}"
     lenient_words: bool = False  # ``words`` narrows the schema only (labels: the reader takes longer ones)
 
 
