@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -64,6 +65,11 @@ SCAN_DEPTH = 3  # folder levels searched below each LLM folder (and below its ad
 ENDPOINT_TIMEOUT_S = 30.0  # default deadline of one model call, retries included
 MAX_ENDPOINT_TIMEOUT_S = 3600.0
 ENDPOINT_RETRIES = 2
+BOXES_FROM = ("auto", "llm", "arranger")
+# Below this many parameters a model names objects far better than it places boxes: "auto" lets the
+# offline planner's arranger place them.
+SMALL_MODEL_PARAMS = 7e9
+_SIZE_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
 DEFAULT_PROMPT = ("two red apples on a wooden table, a blue cup to the right of the table, "
                   "a watercolor cat above the cup")
 
@@ -216,6 +222,30 @@ def clear_plan_cache() -> None:
         _PLAN_CACHE.clear()
 
 
+def model_parameters(backend: ChatBackend) -> float | None:
+    """A backend's parameter count: counted for a local model, read from an endpoint's model name
+    ("qwen2.5:7b-instruct" -> 7e9), ``None`` when unknown."""
+    model = getattr(backend, "model", None)
+    if isinstance(model, torch.nn.Module):
+        return float(sum(p.numel() for p in model.parameters()))
+    name = getattr(backend, "model", None) if isinstance(getattr(backend, "model", None), str) else backend.name
+    match = _SIZE_IN_NAME.search(name or "")
+    return float(match.group(1)) * 1e9 if match else None
+
+
+def resolve_boxes_from(choice: str, backend: ChatBackend) -> tuple[str, str]:
+    """``(llm | arranger, why)`` for the node's ``boxes_from`` choice."""
+    if choice != "auto":
+        return choice, "chosen"
+    params = model_parameters(backend)
+    if params is None:
+        return "llm", "auto: the model's size is unknown"
+    size = f"{params / 1e9:.2g} B parameters"
+    if params < SMALL_MODEL_PARAMS:
+        return "arranger", f"auto: {size}, under ~7 B"
+    return "llm", f"auto: {size}"
+
+
 class _LLMModule(torch.nn.Module):
     """The planner's LLM as one module that ComfyUI's ModelPatcher can move between devices."""
 
@@ -295,7 +325,11 @@ DESCRIPTION = (
     "so in plan_trace. Backends: 'offline' (default) is a fast deterministic rule-based planner, no model; "
     "'transformers' runs a local model from models/LLM (a folder or a .gguf file) with an optional LoRA "
     "adapter for step 0; 'openai' calls any OpenAI-compatible server (Ollama, llama.cpp, vLLM, "
-    "transformers serve). Model output is only ever read as JSON, never run."
+    "transformers serve). Every step's answer is constrained to a JSON schema where the backend allows it "
+    "(response_format on endpoints, constrained decoding on local models with llguidance installed). "
+    "boxes_from: 'arranger' lets the offline planner's arranger place the elements, attributes and "
+    "relations the model named (the default for models under ~7 B parameters); 'llm' keeps the model's "
+    "boxes. Model output is only ever read as JSON, never run."
 )
 
 
@@ -367,6 +401,14 @@ class LLMLayoutPlanner(io.ComfyNode):
                                        "one call, plus one per repair round). A server that has not answered "
                                        "by then fails the step (see on_backend_error). Raise it for a slow "
                                        "model. Cancel stops a waiting call within a second."),
+                io.Combo.Input("boxes_from", options=list(BOXES_FROM), default="auto", optional=True,
+                               tooltip="Where the boxes come from. llm: the model writes them (step 2), "
+                                       "checked and repaired. arranger: the model names the objects, counts, "
+                                       "attributes and relations (step 1) and the offline planner's arranger "
+                                       "places them so the relations hold; small models place boxes poorly. "
+                                       "auto (default): arranger for models under ~7 B parameters (a local "
+                                       "model's size is counted; an endpoint's is read from its name, e.g. "
+                                       "'qwen2.5:3b'; unknown: llm)."),
             ],
             outputs=[
                 LayoutType.Output("layout", display_name="layout",
@@ -416,13 +458,15 @@ class LLMLayoutPlanner(io.ComfyNode):
     async def execute(cls, prompt: str, backend: str, model: str, adapter: str, endpoint_url: str,
                       endpoint_model: str, api_key_env: str, seed: int, temperature: float, max_regions: int,
                       width: int, height: int, repair_rounds: int, on_backend_error: str = "error",
-                      endpoint_timeout: float = ENDPOINT_TIMEOUT_S) -> io.NodeOutput:
+                      endpoint_timeout: float = ENDPOINT_TIMEOUT_S, boxes_from: str = "auto") -> io.NodeOutput:
         if backend not in BACKENDS:
             raise ValueError(f"{NODE_NAME}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if on_backend_error not in ON_BACKEND_ERROR:
             raise ValueError(f"{NODE_NAME}: on_backend_error must be 'error' or 'fallback', got {on_backend_error!r}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{NODE_NAME}: the prompt is empty; describe the picture to plan")
+        if boxes_from not in BOXES_FROM:
+            raise ValueError(f"{NODE_NAME}: boxes_from must be one of {', '.join(BOXES_FROM)}, got {boxes_from!r}")
         options = dict(max_regions=int(max_regions), width=int(width), height=int(height), seed=int(seed),
                        temperature=float(temperature), repair_rounds=int(repair_rounds),
                        on_backend_error="raise" if on_backend_error == "error" else "fallback")
@@ -438,6 +482,9 @@ class LLMLayoutPlanner(io.ComfyNode):
                 else:
                     chat, note = cls._openai_backend(endpoint_url, endpoint_model, api_key_env, endpoint_timeout)
                     notes += [note] if note else []
+                resolved, why = resolve_boxes_from(boxes_from, chat)
+                options["boxes_from"] = resolved
+                notes.append(f"boxes_from: {resolved} ({why})")
                 key = plan_cache_key(prompt, chat, **options)
                 result = _cached_plan(key)
                 if result is None:

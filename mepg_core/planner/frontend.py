@@ -12,6 +12,7 @@ import re
 
 from .chain import (
     PATH_CHAIN,
+    PATH_ELEMENTS_FALLBACK,
     PATH_OFFLINE,
     PATH_OFFLINE_FALLBACK,
     PATH_SINGLE_REGION_FALLBACK,
@@ -31,6 +32,7 @@ _MAX_ENV_NAME = 128
 _PATH_TEXT = {
     PATH_CHAIN: "the full chain (steps 0-3) made the layout",
     PATH_STEP0_FALLBACK: "fallback: a later step failed, the layout is step 0's plan",
+    PATH_ELEMENTS_FALLBACK: "fallback: step 3 failed, the layout is the arranger's placement of step 1's elements",
     PATH_OFFLINE_FALLBACK: "fallback: the model's answers could not be used, the offline planner made the layout",
     PATH_SINGLE_REGION_FALLBACK: "fallback: every planner failed, one region covers the canvas",
     PATH_OFFLINE: "the offline rule-based planner made the layout (no model)",
@@ -110,10 +112,13 @@ def describe_plan(result: PlanResult, *, notes: list[str] | tuple[str, ...] = ()
             adapter = ", LoRA on" if step.use_adapter and has_adapter else ""
             head = f"  step {step.index} ({step.name}{adapter}): "
             n = len(step.attempts)
+            how = _constraint_text(step)
             if step.skipped:
                 lines.append(head + f"skipped ({step.skipped})")
+            elif step.source == "arranger" and step.ok:
+                lines.append(head + "placed by the arranger (boxes_from = arranger)")
             elif step.ok:
-                lines.append(head + f"ok after {n} attempt{'s' if n != 1 else ''}")
+                lines.append(head + f"ok after {n} attempt{'s' if n != 1 else ''}{how}")
             else:
                 last = step.attempts[-1] if step.attempts else None
                 if last is not None and last.error:
@@ -122,12 +127,27 @@ def describe_plan(result: PlanResult, *, notes: list[str] | tuple[str, ...] = ()
                     why = "; ".join(last.problems[:2]) + (" ..." if len(last.problems) > 2 else "")
                 else:
                     why = "no usable answer"
-                lines.append(head + f"failed after {n} attempt{'s' if n != 1 else ''}: {_clip(why, 300)}")
+                lines.append(head + f"failed after {n} attempt{'s' if n != 1 else ''}{how}: {_clip(why, 300)}")
     warnings = [*result.warnings, *notes]
     if warnings:
         lines.append("warnings:")
         lines += [f"  - {_clip(w, 500)}" for w in warnings]
     return "\n".join(lines)
+
+
+_CONSTRAINT_TEXT = {
+    "grammar": "decoding constrained to the step's JSON schema",
+    "json_schema": "response_format json_schema",
+    "json_object+schema": "response_format json_object+schema",
+    "json_object": "response_format json_object",
+    "none": "unconstrained",
+}
+
+
+def _constraint_text(step) -> str:
+    """``" (unconstrained)"`` / ``" (response_format json_schema)"`` ...: how the step's answers were made."""
+    kinds = list(dict.fromkeys(a.constraint for a in step.attempts if a.constraint))
+    return f" ({', '.join(_CONSTRAINT_TEXT.get(k, k) for k in kinds)})" if kinds else ""
 
 
 def _clip(text: str, limit: int) -> str:

@@ -48,13 +48,24 @@ __all__ = [
 
 LABEL_CHARS = 60
 STYLE_CHARS = 40
-ATTR_CHARS = 40
-MAX_ATTRS = 6
-ANALYSIS_CHARS = 800
+ATTR_CHARS = 24
+MAX_ATTRS = 4
+ANALYSIS_CHARS = 400
 PLACE_CHARS = 60
 REGION_PROMPT_CHARS = 240
 REGION_PROMPT_WORDS = 40
 GLOBAL_PROMPT_CHARS = 400
+ROUGH_PROMPT_WORDS = 12
+# What a constrained model may write where the reader takes any short text: a label is one to four
+# lower-case words; a size and a rough place come from short lists (a small model asked for free text
+# there copies the template's "small|medium|large").
+LABEL_WORDS = 4
+# A word of at most 16 letters: a small model under a grammar otherwise runs words together
+# ("theleftofgreenpear...") until the answer's token budget is gone.
+LOWER_WORD = "[a-z][a-z'-]{0,15}"
+SIZES = ("small", "medium", "large")
+PLACES = ("left", "right", "top", "bottom", "centre", "upper left", "upper right", "lower left", "lower right",
+          "background", "foreground", "anywhere")
 #: the spatial relations step 1 may name between two elements (the arranger's vocabulary)
 RELATION_WORDS = ("left of", "right of", "above", "below", "on", "under", "next to", "in front of", "behind",
                   "in", "holding")
@@ -75,7 +86,9 @@ class Text:
 
     ``const``/``enum``: the only value(s) the schema allows. ``lenient``: the reader does not enforce
     ``const``/``enum`` (a semantic check downstream compares it, e.g. plural labels). ``words``: the most
-    words (schema: a pattern of at most that many space-separated words).
+    words. ``word``: the regular expression of one word in the schema (default: no spaces, no angle
+    brackets, so a model cannot copy a template's ``<noun>`` placeholder); the reader does not check it
+    (it only narrows what a constrained model writes).
     """
 
     max_chars: int
@@ -85,6 +98,8 @@ class Text:
     enum: tuple[str, ...] | None = None
     words: int | None = None
     lenient: bool = False
+    word: str = r"[^\s<>]{1,24}"
+    lenient_words: bool = False  # ``words`` narrows the schema only (labels: the reader takes longer ones)
 
 
 @dataclass(frozen=True)
@@ -159,10 +174,10 @@ def json_schema(spec: Any) -> dict[str, Any]:
         elif spec.enum is not None:
             out = {"type": "string", "enum": list(spec.enum)}
         else:
-            out = {"type": "string", "minLength": 1, "maxLength": spec.max_chars}
-            if spec.words is not None:
-                # At most ``words`` words, single spaces, no space at either end.
-                out["pattern"] = rf"^[^\s]+( [^\s]+){{0,{spec.words - 1}}}$"
+            # Words separated by single spaces, none at either end; at most ``words`` of them.
+            more = "*" if spec.words is None else f"{{0,{spec.words - 1}}}"
+            out = {"type": "string", "minLength": 1, "maxLength": spec.max_chars,
+                   "pattern": f"^{spec.word}( {spec.word}){more}$"}
         if not spec.required:
             out = {"anyOf": [out, {"type": "null"}]}
         return out
@@ -226,7 +241,7 @@ def _read_text(spec: Text, value: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: must be a string, got {_type_name(value)}")
         return None
     text = " ".join(value.split())
-    if spec.words is not None and len(text.split()) > spec.words:
+    if spec.words is not None and not spec.lenient_words and len(text.split()) > spec.words:
         problems.append(f"{path}: {len(text.split())} words; keep it under {spec.words}")
         return None
     if len(text) > spec.max_chars:
@@ -294,8 +309,7 @@ def _read_obj(spec: Obj, value: Any, path: str, problems: list[str]) -> Any:
     if isinstance(value, list) and spec.bare_list is not None:
         value = {spec.bare_list: value}
     if not isinstance(value, dict):
-        what = "a JSON object" if path == "$" else "an object"
-        problems.append(f"{path}: expected {what}, got {_type_name(value)}" if path == "$" else
+        problems.append(f"$: expected a JSON object, got {_type_name(value)}" if path == "$" else
                         f"{path}: must be an object, got {_type_name(value)}")
         return None
     out: dict[str, Any] = {}
@@ -319,18 +333,29 @@ def _box() -> Box:
     return Box()
 
 
+def _label(aliases: tuple[str, ...] = ()) -> Text:
+    return Text(LABEL_CHARS, aliases=aliases, words=LABEL_WORDS, word=LOWER_WORD, lenient_words=True)
+
+
+def _style() -> Text:
+    return Text(STYLE_CHARS, required=False, words=3, word=LOWER_WORD.replace("a-z]", "a-z0-9]"), lenient_words=True)
+
+
 def step0_spec(max_regions: int) -> Obj:
     """Step 0 (analysis): ``{"analysis", "elements": [{name, count, size, place}], "layout": [{label, box,
     prompt, style}]}``."""
-    element = Obj((("name", Text(LABEL_CHARS, aliases=("label",))),
+    element = Obj((("name", _label(aliases=("label",))),
                    ("count", Int(1, max_regions, default=1)),
-                   ("size", Text(LABEL_CHARS, required=False)),
-                   ("place", Text(PLACE_CHARS, required=False, aliases=("position",)))))
-    region = Obj((("label", Text(LABEL_CHARS, aliases=("name",))),
+                   ("size", Text(LABEL_CHARS, required=False, enum=SIZES, lenient=True)),
+                   ("place", Text(PLACE_CHARS, required=False, aliases=("position",), enum=PLACES, lenient=True))))
+    region = Obj((("label", _label(aliases=("name",))),
                   ("box", _box()),
-                  ("prompt", Text(REGION_PROMPT_CHARS, required=False)),
-                  ("style", Text(STYLE_CHARS, required=False))))
-    return Obj((("analysis", Text(ANALYSIS_CHARS, required=False)),
+                  # The rough layout's prompts: short in the schema (tokens are slow on a CPU), any length to 40
+                  # words for the reader (LoRA targets carry the offline planner's region prompts).
+                  ("prompt", Text(REGION_PROMPT_CHARS, required=False, words=ROUGH_PROMPT_WORDS,
+                                  lenient_words=True)),
+                  ("style", _style())))
+    return Obj((("analysis", Text(ANALYSIS_CHARS, required=False, words=60)),
                 ("elements", Arr(items=element, max_items=max_regions, noun="elements", required=False)),
                 ("layout", Arr(items=region, min_items=1, max_items=max_regions, noun="boxes",
                                describe="a list of {label, box}"))),
@@ -340,17 +365,17 @@ def step0_spec(max_regions: int) -> Obj:
 def step1_spec(max_regions: int) -> Obj:
     """Step 1 (elements): ``{"elements": [{label, count, position, attrs}], "relations": [{subject,
     relation, object}]}``; relations name elements by their index in ``elements``."""
-    element = Obj((("label", Text(LABEL_CHARS, aliases=("name",))),
+    element = Obj((("label", _label(aliases=("name",))),
                    ("count", Int(1, max_regions, default=1)),
-                   ("position", Text(PLACE_CHARS, required=False, aliases=("place",))),
-                   ("attrs", Arr(items=Text(ATTR_CHARS), max_items=MAX_ATTRS, noun="attributes",
-                                 required=False))))
+                   ("position", Text(PLACE_CHARS, required=False, aliases=("place",), enum=PLACES, lenient=True)),
+                   ("attrs", Arr(items=Text(ATTR_CHARS, words=2, word=LOWER_WORD), max_items=MAX_ATTRS,
+                                 noun="attributes", required=False))))
     relation = Obj((("subject", Int(0, max_regions - 1)),
                     ("relation", Text(20, enum=RELATION_WORDS)),
                     ("object", Int(0, max_regions - 1))))
     return Obj((("elements", Arr(items=element, min_items=1, max_items=max_regions, noun="elements",
                                  describe="a list of {label, count, position}")),
-                ("relations", Arr(items=relation, max_items=2 * max_regions, noun="relations",
+                ("relations", Arr(items=relation, max_items=max_regions, noun="relations",
                                   required=False))),
                bare_list="elements")
 
@@ -373,10 +398,11 @@ def step3_spec(labels: Sequence[str]) -> Obj:
         return Obj((("index", Int(0, n - 1, const=i, what="a region number", lenient=True)),
                     ("label", Text(LABEL_CHARS, const=label, lenient=True, required=False)),
                     ("prompt", Text(REGION_PROMPT_CHARS, words=REGION_PROMPT_WORDS)),
-                    ("style", Text(STYLE_CHARS, required=False))))
+                    ("style", _style())))
 
     # Regions are matched by index (any order) and the validator names the missing ones.
-    return Obj((("global_prompt", Text(GLOBAL_PROMPT_CHARS, required=False)),
+    return Obj((("global_prompt", Text(GLOBAL_PROMPT_CHARS, required=False, words=REGION_PROMPT_WORDS,
+                                       lenient_words=True)),
                 ("regions", Arr(prefix=tuple(item(i, label) for i, label in enumerate(labels)), items=item(None, None),
                                 noun="regions", describe="one entry per region", lenient_length=True))),
                bare_list="regions")

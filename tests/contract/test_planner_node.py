@@ -188,23 +188,28 @@ def test_models_and_adapters_are_listed_from_the_llm_folder(comfy, tiny_llm):
 
 
 def test_transformers_garbage_falls_back_to_a_valid_layout(comfy, tiny_llm, monkeypatch):
+    import inprocess
+
+    # Unconstrained decoding (as without llguidance): the random model's answers are not even JSON.
+    monkeypatch.setattr(inprocess.pack_module("mepg_core.planner.constrain"), "available", lambda: False)
     prompt = "a red apple left of a blue cup"
     seen = comfy_compat.record_progress(monkeypatch)
     with one_torch_thread():
         layout, layout_json, trace = plan(comfy, prompt, backend="transformers", model=tiny_llm, max_regions=2,
-                                          repair_rounds=0)
+                                          repair_rounds=0, boxes_from="llm")
     parse_layout(layout_json)
     assert 1 <= len(layout.regions) <= 2
     assert "path: offline-fallback" in trace and "backend: transformers:tiny_qwen2" in trace
     assert "step 0 (analysis, LoRA on)" not in trace  # no adapter chosen
-    assert "step 0 (analysis): failed after 1 attempt" in trace
+    assert "step 0 (analysis): failed after 1 attempt (unconstrained)" in trace
     assert "using the offline planner" in trace
     assert [value for value, _ in seen] == [0, 1, 2, 3, 4]  # one tick per chain step, then done
     # Same inputs: the cached plan, at once (the model is not asked again).
     import time
 
     started = time.perf_counter()
-    assert plan(comfy, prompt, backend="transformers", model=tiny_llm, max_regions=2, repair_rounds=0)[1] == layout_json
+    assert plan(comfy, prompt, backend="transformers", model=tiny_llm, max_regions=2, repair_rounds=0,
+                boxes_from="llm")[1] == layout_json
     assert time.perf_counter() - started < 1.0
 
 
@@ -418,3 +423,87 @@ def test_credentials_in_the_endpoint_url_are_refused_at_queue_time_without_echo(
         plan(comfy, "a cat", backend="openai", endpoint_url=url, endpoint_model="m", api_key_env="")
     assert "SECRET" not in str(info.value)
     assert comfy.node(NODE).validate_inputs("offline", "none", "none", endpoint_url=url) is True
+
+
+# --------------------------------------------------------------------------------------------------
+# boxes_from and structured answers
+
+
+class _GoodAnswers(http.server.BaseHTTPRequestHandler):
+    """Answers every chain step with a good JSON answer; records the requests."""
+
+    hits: list = []
+
+    def do_POST(self):  # noqa: N802
+        from mepg_planner_testing import GOOD, step_of
+
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.hits.append(body)
+        content = json.dumps(GOOD[step_of(body["messages"])])
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def good_endpoint():
+    handler = type("Handler", (_GoodAnswers,), {"hits": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server.handler = handler
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield server
+    server.shutdown()
+    server.server_close()
+    planner_module().clear_plan_cache()
+
+
+def test_boxes_from_arranger_and_llm_through_the_node(comfy, good_endpoint):
+    from mepg_planner_testing import PROMPT_TWO_CATS, STEP2
+
+    kw = dict(backend="openai", endpoint_url=good_endpoint.url, endpoint_model="qwen2.5:3b-instruct")
+    layout, _, trace = plan(comfy, PROMPT_TWO_CATS, boxes_from="auto", **kw)
+    assert "path: chain" in trace and "boxes_from: arranger (auto: 3 B parameters, under ~7 B)" in trace
+    assert "step 2 (coordinates): placed by the arranger (boxes_from = arranger)" in trace
+    assert "(response_format json_schema)" in trace
+    assert len(good_endpoint.handler.hits) == 3  # steps 0, 1 and 3; the arranger placed the boxes
+    lamp, sofa = layout.regions[3].box, layout.regions[2].box
+    assert "right of" in relative_position(lamp, sofa)
+    layout, _, trace = plan(comfy, PROMPT_TWO_CATS, boxes_from="llm", **kw)
+    assert "boxes_from: llm (chosen)" in trace and len(good_endpoint.handler.hits) == 7
+    assert [list(r.box) for r in layout.regions] == [b["box"] for b in STEP2["boxes"]]
+    assert good_endpoint.handler.hits[-2]["response_format"]["json_schema"]["name"] == "step2_boxes"
+    with pytest.raises(ValueError, match="boxes_from must be one of"):
+        plan(comfy, PROMPT_TWO_CATS, boxes_from="model", **kw)
+
+
+@pytest.mark.parametrize("name, expected", [("qwen2.5:7b-instruct", "llm"), ("llama3.2:3b", "arranger"),
+                                            ("SmolLM2-135M", "llm"), ("phi-3.5-mini-3.8B", "arranger"),
+                                            ("gpt-4o", "llm"), ("mixtral-8x22b", "llm")])
+def test_boxes_from_auto_reads_an_endpoints_size_from_its_name(comfy, name, expected):
+    from mepg_core.planner.backends import OpenAIBackend
+
+    choice, why = planner_module().resolve_boxes_from("auto", OpenAIBackend("http://127.0.0.1:1", name))
+    assert choice == expected, why
+
+
+def test_boxes_from_auto_counts_a_local_models_parameters(comfy, tiny_llm):
+    with one_torch_thread():
+        _, _, trace = plan(comfy, "a red apple", backend="transformers", model=tiny_llm, max_regions=2,
+                           repair_rounds=0)
+    assert re.search(r"boxes_from: arranger \(auto: [\d.e+-]+ B parameters, under ~7 B\)", trace), trace
+
+
+def test_boxes_from_is_stated_in_the_tooltip_and_help_page(comfy):
+    schema = comfy.node(NODE).GET_SCHEMA()
+    tooltip = next(i for i in schema.inputs if i.id == "boxes_from").tooltip
+    assert "7 B" in tooltip and "arranger" in tooltip
+    page = (Path(__file__).resolve().parents[2] / "web" / "docs" / f"{NODE}.md").read_text()
+    assert "boxes_from" in page and "7 B" in page

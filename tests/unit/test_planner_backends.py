@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mepg_planner_testing import build_tiny_qwen2, find_smollm2_gguf, free_port, one_torch_thread
+from mepg_planner_testing import GOOD, build_tiny_qwen2, find_smollm2_gguf, free_port, one_torch_thread, step_of
 
 from mepg_core.planner import chain
 from mepg_core.planner.backends import (
@@ -477,3 +477,175 @@ def test_generation_stops_after_the_json_object(tiny_backend):
         ids = torch.cat([prompt, torch.tensor([answer[:n]])], dim=1)
         results.append(bool(criteria(ids, None)[0]))
     assert results[-1] and not any(results[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAIBackend: response_format json_schema -> json_object (+schema) -> none
+
+
+class _FormatHandler(http.server.BaseHTTPRequestHandler):
+    """Answers the planner's steps with good JSON; refuses (HTTP 400) the response_format forms in
+    ``refuse`` the way llama.cpp's server and vLLM word it."""
+
+    refuse: tuple[str, ...] = ()
+    hits: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        type(self).hits.append(body)
+        rf = body.get("response_format")
+        form = "none" if rf is None else rf["type"] + ("+schema" if "schema" in rf else "")
+        if form in type(self).refuse:
+            payload = json.dumps({"error": {"code": 400, "type": "invalid_request_error",
+                                            "message": f"response_format type {rf['type']} is not supported"}})
+            return self._send(400, payload.encode())
+        content = json.dumps(GOOD[step_of(body["messages"])])
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        return self._send(200, json.dumps(reply).encode())
+
+    def _send(self, status, payload):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def format_server():
+    from mepg_core.planner.backends import forget_endpoint_forms
+
+    forget_endpoint_forms()
+    handler = type("Handler", (_FormatHandler,), {"hits": [], "refuse": ()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    server.handler = handler
+    server.base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    server.server_close()
+    forget_endpoint_forms()
+
+
+def _forms(hits):
+    out = []
+    for body in hits:
+        rf = body.get("response_format")
+        out.append("none" if rf is None else rf["type"] + ("+schema" if "schema" in rf else ""))
+    return out
+
+
+def test_endpoint_is_asked_for_the_steps_json_schema(format_server):
+    result = plan_with_backend("two cats on a red sofa, a lamp to the right of the sofa",
+                               OpenAIBackend(format_server.base, "m", max_retries=0))
+    assert result.path == chain.PATH_CHAIN
+    hits = format_server.handler.hits
+    assert _forms(hits) == ["json_schema"] * 4
+    rf = hits[2]["response_format"]
+    assert rf["json_schema"]["strict"] is True and rf["json_schema"]["name"] == "step2_boxes"
+    assert rf["json_schema"]["schema"] == result.trace[2].schema.schema
+    assert [t.attempts[0].constraint for t in result.trace] == ["json_schema"] * 4
+
+
+def test_a_server_that_refuses_json_schema_still_plans_and_is_remembered(format_server, caplog):
+    import logging
+
+    format_server.handler.refuse = ("json_schema",)
+    backend = OpenAIBackend(format_server.base, "m", max_retries=2, backoff=0.01)
+    with caplog.at_level(logging.WARNING, logger="mepg.planner.backends"):
+        result = plan_with_backend("two cats on a red sofa, a lamp to the right of the sofa", backend)
+        again = asyncio.run(aplan_with_backend("two cats on a red sofa, a lamp to the right of the sofa",
+                                               OpenAIBackend(format_server.base, "m")))
+    assert result.path == again.path == chain.PATH_CHAIN
+    # One refusal (not retried), then the next form for every later call, by every backend on that endpoint.
+    assert _forms(format_server.handler.hits) == ["json_schema"] + ["json_object+schema"] * 8
+    assert [t.attempts[0].constraint for t in result.trace] == ["json_object+schema"] * 4
+    refusals = [r for r in caplog.records if "refuses response_format" in r.getMessage()]
+    assert len(refusals) == 1 and "json_schema" in refusals[0].getMessage()
+    assert backend.response_form() == "json_object+schema"
+    from mepg_core.planner.frontend import describe_plan
+
+    assert "step 0 (analysis): ok after 1 attempt (response_format json_object+schema)" in describe_plan(result)
+
+
+def test_a_server_that_refuses_every_form_gets_plain_requests(format_server):
+    format_server.handler.refuse = ("json_schema", "json_object+schema", "json_object")
+    result = plan_with_backend("a red apple left of a green pear", OpenAIBackend(format_server.base, "m"),
+                               repair_rounds=0)
+    assert result.trace[0].attempts[0].constraint == "none"
+    assert _forms(format_server.handler.hits)[:4] == ["json_schema", "json_object+schema", "json_object", "none"]
+    assert "response_format" not in format_server.handler.hits[-1]
+
+
+def test_an_http_400_about_something_else_is_not_a_refusal(stub_server):
+    from mepg_core.planner.schemas import StepSchema, step1_spec
+
+    stub_server.handler.mode = "404"
+    backend = OpenAIBackend(stub_server.base, "m", max_retries=0)
+    with pytest.raises(EndpointHTTPError, match="no such model"):
+        backend.generate(MESSAGES, schema=StepSchema("s", step1_spec(4)))
+    assert len(stub_server.handler.hits) == 1 and backend.response_form() == "json_schema"
+
+
+def test_structured_off_sends_no_response_format(format_server):
+    from mepg_core.planner.schemas import StepSchema, step1_spec
+
+    backend = OpenAIBackend(format_server.base, "m", structured=False)
+    answer = backend.generate(chain.step0_messages("a cat"), schema=StepSchema("s", step1_spec(4)))
+    assert answer.constraint == "none" and _forms(format_server.handler.hits) == ["none"]
+
+
+# --------------------------------------------------------------------------------------------------
+# TransformersBackend: decoding constrained to the step's schema (llguidance)
+
+needs_llguidance = pytest.mark.skipif(not __import__("mepg_core.planner.constrain", fromlist=["x"]).available(),
+                                      reason="llguidance is not installed (the pack's llm extra)")
+
+
+@pytest.mark.slow
+@needs_llguidance
+@pytest.mark.parametrize("step", ["step1", "step3"])
+def test_a_random_model_under_the_grammar_writes_schema_valid_json(tiny_qwen2, step):
+    import jsonschema
+
+    from mepg_core.planner.schemas import StepSchema, step1_spec, step3_spec
+
+    spec = step1_spec(3) if step == "step1" else step3_spec(["cat", "sofa"])
+    schema = StepSchema(step, spec)
+    backend = TransformersBackend(tiny_qwen2, device="cpu")
+    assert backend.constrained
+    free = backend.generate(MESSAGES, max_new_tokens=60, schema=None)
+    assert free.constraint == "none"
+    answer = backend.generate(MESSAGES, max_new_tokens=1500, schema=schema)
+    assert answer.constraint == "grammar"
+    jsonschema.validate(json.loads(answer), schema.schema)  # garbage weights, valid JSON of the right shape
+    sampled = backend.generate(MESSAGES, max_new_tokens=1500, schema=schema, temperature=1.0, seed=4)
+    jsonschema.validate(json.loads(sampled), schema.schema)
+    off = TransformersBackend(tiny_qwen2, device="cpu", constrain="off")
+    assert not off.constrained and off.generate(MESSAGES, max_new_tokens=20, schema=schema).constraint == "none"
+
+
+def test_without_llguidance_the_backend_decodes_as_before(tiny_qwen2, monkeypatch):
+    from mepg_core.planner import constrain
+    from mepg_core.planner.frontend import describe_plan
+    from mepg_core.planner.schemas import StepSchema, step1_spec
+
+    monkeypatch.setattr(constrain, "available", lambda: False)
+    backend = TransformersBackend(tiny_qwen2, device="cpu")
+    assert not backend.constrained
+    answer = backend.generate(MESSAGES, max_new_tokens=8, schema=StepSchema("s", step1_spec(3)))
+    assert answer.constraint == "none"
+    assert answer == backend.generate(MESSAGES, max_new_tokens=8)  # exactly today's decoding
+    result = plan_with_backend("a red apple", backend, max_new_tokens=8, repair_rounds=0,
+                               offline_planner=_stub_offline)
+    assert "step 0 (analysis): failed after 1 attempt (unconstrained)" in describe_plan(result)
+
+
+def test_a_bad_constraint_setting_is_a_clear_error(tiny_qwen2):
+    with pytest.raises(BackendError, match="constrain must be"):
+        TransformersBackend(tiny_qwen2, device="cpu", constrain="yes")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 
 import pytest
-from mepg_planner_testing import build_tiny_qwen2, one_torch_thread
+from mepg_planner_testing import GOOD, STEP0, STEP1, STEP2, STEP3, build_tiny_qwen2, one_torch_thread, step_of
 
 from mepg_core.layout import Layout, Region, parse_layout
 from mepg_core.planner import chain
@@ -31,33 +30,6 @@ from mepg_core.planner.chain import (
 
 PROMPT = "two cats on a red sofa, a lamp to the right of the sofa"
 
-STEP0 = {
-    "analysis": "Two cats sit on a red sofa; a lamp stands right of it.",
-    "elements": [{"name": "cat", "count": 2, "size": "small", "place": "centre"},
-                 {"name": "sofa", "count": 1, "size": "large", "place": "bottom"},
-                 {"name": "lamp", "count": 1, "size": "medium", "place": "right"}],
-    "layout": [{"label": "cat", "box": [200, 350, 400, 600]}, {"label": "cat", "box": [420, 350, 620, 600]},
-               {"label": "sofa", "box": [100, 450, 700, 900]}, {"label": "lamp", "box": [760, 200, 950, 900]}],
-}
-STEP1 = {"elements": [{"label": "cat", "count": 2, "position": "on the sofa"},
-                      {"label": "sofa", "count": 1, "position": "bottom left"},
-                      {"label": "lamp", "count": 1, "position": "right"}]}
-STEP2 = {"boxes": [{"label": "cat", "box": [180, 330, 390, 610]}, {"label": "cat", "box": [410, 330, 620, 610]},
-                   {"label": "sofa", "box": [80, 460, 720, 920]}, {"label": "lamp", "box": [770, 180, 960, 920]}]}
-STEP3 = {"global_prompt": "two cats on a red sofa beside a floor lamp, cosy living room",
-         "regions": [{"index": 0, "label": "cat", "prompt": "a small grey tabby cat curled on the sofa",
-                      "style": "photo"},
-                     {"index": 1, "label": "cat", "prompt": "a small white cat sitting upright", "style": None},
-                     {"index": 2, "label": "sofa", "prompt": "a large red velvet sofa", "style": "photo"},
-                     {"index": 3, "label": "lamp", "prompt": "a tall brass floor lamp right of the sofa",
-                      "style": "null"}]}
-GOOD = {0: STEP0, 1: STEP1, 2: STEP2, 3: STEP3}
-
-
-def step_of(messages: list[dict[str, str]]) -> int:
-    """Which step a request belongs to, read from the first user message of the conversation."""
-    first_user = next(m["content"] for m in messages if m["role"] == "user")
-    return int(re.match(r"Step (\d)", first_user).group(1))
 
 
 class Scripted:
@@ -454,3 +426,120 @@ def test_plural_and_singular_labels_are_one_kind():
         in result.trace[1].attempts[0].problems
     assert result.path == chain.PATH_CHAIN
     assert [r.label for r in result.layout.regions] == ["cat", "cat", "sofa", "lamp"]  # step 1's spelling
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer schemas and boxes_from
+
+
+def test_every_call_carries_its_steps_schema_and_good_answers_match_it():
+    import jsonschema
+
+    script = Scripted()
+    result = plan_with_backend(PROMPT, CallableBackend(script))
+    assert result.path == chain.PATH_CHAIN
+    names = [c["schema"].name for c in script.calls]
+    assert names == ["step0_analysis", "step1_elements", "step2_boxes", "step3_details"]
+    for call in script.calls:
+        jsonschema.validate(GOOD[call["step"]], call["schema"].schema)  # the template's shape is the schema's
+    assert [t.schema.name for t in result.trace] == names
+    # Step 2's schema fixes one box per instance, in step 1's order.
+    boxes = script.calls[2]["schema"].schema["properties"]["boxes"]["prefixItems"]
+    assert [b["properties"]["label"]["const"] for b in boxes] == ["cat", "cat", "sofa", "lamp"]
+
+
+def test_repair_rounds_are_sent_the_same_schema():
+    script = Scripted({1: ["not json", json.dumps(STEP1)]})
+    plan_with_backend(PROMPT, CallableBackend(script), repair_rounds=1)
+    step1 = [c for c in script.calls if c["step"] == 1]
+    assert len(step1) == 2 and step1[0]["schema"].schema == step1[1]["schema"].schema
+
+
+def test_step1_relations_are_read_and_bad_ones_dropped():
+    answer = dict(STEP1, relations=STEP1["relations"] + [{"subject": 0, "relation": "above", "object": 0},
+                                                         {"subject": 1, "relation": "below", "object": 9}])
+    checked = chain._validate_step1(answer, max_regions=16)
+    assert not checked.problems
+    assert checked.value["relations"] == [[0, "on", 1], [2, "right of", 1]]
+    assert len(checked.warnings) == 2 and "dropped" in checked.warnings[0]
+    wrong = dict(STEP1, relations=[{"subject": 0, "relation": "sideways of", "object": 1}])
+    assert "not one of" in chain._validate_step1(wrong, max_regions=16).problems[0]
+
+
+def test_boxes_from_arranger_places_step1_elements_without_asking_for_boxes():
+    from mepg_core.planner.relations import relative_position
+
+    script = Scripted()
+    result = plan_with_backend(PROMPT, CallableBackend(script), boxes_from="arranger", width=1216, height=832)
+    assert result.path == chain.PATH_CHAIN
+    assert [c["step"] for c in script.calls] == [0, 1, 3]  # no step-2 call
+    assert result.trace[2].source == "arranger" and result.trace[2].ok and result.trace[2].attempts == []
+    layout = result.layout
+    assert [r.label for r in layout.regions] == ["cat", "cat", "sofa", "lamp"]
+    assert layout.regions[2].prompt == "a large red velvet sofa"  # step 3's text on the arranger's boxes
+    lamp, sofa = layout.regions[3].box, layout.regions[2].box
+    assert "right of" in relative_position(lamp, sofa, 1216, 832)  # step 1's relation holds
+    # Step 3 was asked about the arranger's boxes.
+    assert json.dumps(list(layout.regions[3].box)) in script.calls[-1]["messages"][-1]["content"]
+    assert "source" in result.to_dict()["trace"][2]
+
+
+def test_boxes_from_arranger_falls_back_to_the_arranged_elements_when_step3_fails():
+    script = Scripted({3: ["garbage"]})
+    result = plan_with_backend(PROMPT, CallableBackend(script), boxes_from="arranger", repair_rounds=0)
+    assert result.path == chain.PATH_ELEMENTS_FALLBACK
+    assert [r.label for r in result.layout.regions] == ["cat", "cat", "sofa", "lamp"]
+    assert result.layout.regions[2].prompt == "a red sofa"  # step 1's attribute
+    assert any("arranger's layout" in w for w in result.warnings)
+
+
+def test_boxes_from_is_checked_and_in_the_cache_key():
+    with pytest.raises(PlanningError, match="boxes_from"):
+        plan_with_backend(PROMPT, CallableBackend(Scripted()), boxes_from="model")
+    a = CallableBackend(Scripted(), name="a")
+    assert plan_cache_key(PROMPT, a, boxes_from="llm") != plan_cache_key(PROMPT, a, boxes_from="arranger")
+
+
+def test_the_constraint_a_backend_reports_is_in_the_trace():
+    from mepg_core.planner.backends import Answer
+
+    def answer(messages, **options):
+        return Answer(json.dumps(GOOD[step_of(messages)]), "json_object")
+
+    result = plan_with_backend(PROMPT, CallableBackend(answer))
+    assert [t.attempts[0].constraint for t in result.trace] == ["json_object"] * 4
+    assert result.to_dict()["trace"][0]["attempts"][0]["constraint"] == "json_object"
+
+
+def test_a_backend_without_a_schema_parameter_still_plans():
+    from mepg_core.planner.backends import ChatBackend
+
+    class Old(ChatBackend):
+        name = "old"
+
+        def generate(self, messages, *, temperature=0.0, seed=0, max_new_tokens=256, use_adapter=False, tag=""):
+            return json.dumps(GOOD[step_of(messages)])
+
+        def cache_key(self):
+            return "old"
+
+    assert plan_with_backend(PROMPT, Old()).path == chain.PATH_CHAIN
+
+
+def test_step1_counts_over_max_regions_are_cut_like_the_offline_planner():
+    answer = {"elements": [{"label": "apple", "count": 3, "position": "left", "attrs": []},
+                           {"label": "pear", "count": 2, "position": "right", "attrs": []}], "relations": []}
+    checked = chain._validate_step1(answer, max_regions=3)
+    assert not checked.problems
+    assert [(e["label"], e["count"]) for e in checked.value["elements"]] == [("apple", 2), ("pear", 1)]
+    assert "only 3 regions are allowed" in checked.warnings[0]
+
+
+def test_flat_boxes_are_widened_with_a_warning():
+    flat = dict(STEP2, boxes=[dict(b) for b in STEP2["boxes"]])
+    flat["boxes"][3]["box"] = [770, 180, 770, 920]
+    result = plan_with_backend(PROMPT, CallableBackend(Scripted({2: [json.dumps(flat)]})), repair_rounds=0)
+    assert result.path == chain.PATH_CHAIN
+    x1, y1, x2, y2 = result.layout.regions[3].box
+    assert (y1, y2) == (180, 920) and x1 < 770 < x2 and x2 - x1 == chain.MIN_BOX_SIDE
+    assert any("has no area; widened" in w for w in result.warnings)

@@ -70,7 +70,7 @@ def breakings(spec):
         out = [12345]
         if spec.const is None and spec.enum is None:
             out.append("w" * (spec.max_chars + 1))
-            if spec.words:
+            if spec.words and not spec.lenient_words:
                 out.append(" ".join(["w"] * (spec.words + 1)))
         elif spec.enum is not None and not spec.lenient:
             out.append("sideways of")
