@@ -61,7 +61,7 @@ def trained(tiny_qwen2, tmp_path_factory):
     seen = []
     with one_torch_thread():
         result = train_lora(tiny_qwen2, records, tmp_path_factory.mktemp("adapter") / "planner-lora",
-                            config=TrainConfig(max_steps=16, learning_rate=2e-2, rank=8, alpha=16,
+                            config=TrainConfig(max_steps=16, learning_rate=5e-2, rank=8, alpha=16,
                                                target_modules="all-linear", max_regions=8),
                             device="cpu", progress=lambda step, total, loss: seen.append((step, total)))
     result.progress_seen = seen
