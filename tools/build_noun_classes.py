@@ -65,6 +65,25 @@ def main(argv: list[str]) -> int:
                 "WordNet, licence: WORDNET_LICENSE)\n")
         f.write("\n".join(sorted(out)) + "\n")
     print(f"{len(out)} nouns -> {os.path.normpath(dest)}")
+    # Adjectives, verbs and adverbs that are never nouns: a word the parser tags as a noun but WordNet
+    # knows only as one of these is not a thing ("a complete set", "sparse grasses").
+    nouns = {line.split()[0] for line in open(os.path.join(root, "index.noun"), encoding="utf-8",
+                                               errors="replace") if not line.startswith(" ")}
+    others = set()
+    for pos in ("adj", "verb", "adv"):
+        with open(os.path.join(root, f"index.{pos}"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(" "):
+                    continue
+                lemma = line.split()[0]
+                if lemma.isalpha() and lemma.islower() and lemma not in nouns:
+                    others.add(lemma)
+    dest2 = os.path.join(os.path.dirname(dest), "wordnet_not_nouns.txt")
+    with open(dest2, "w", encoding="utf-8") as f:
+        f.write("# words WordNet knows as adjectives, verbs or adverbs only (tools/build_noun_classes.py; "
+                "WordNet, licence: WORDNET_LICENSE)\n")
+        f.write("\n".join(sorted(others)) + "\n")
+    print(f"{len(others)} non-nouns -> {os.path.normpath(dest2)}")
     return 0
 
 

@@ -52,8 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=1024, help="canvas width in pixels")
     ap.add_argument("--height", type=int, default=1024, help="canvas height in pixels")
     ap.add_argument("--seed", type=int, default=0, help="0: canonical layouts; other seeds jitter reproducibly")
-    ap.add_argument("--engine", choices=("rules", "english"), default="rules",
-                    help="offline backend: 'rules' (default) or 'english' (spaCy parse + composition arranger)")
+    ap.add_argument("--engine", choices=("rules", "english"), default="english",
+                    help="offline backend: 'english' (default: spaCy parse + composition arranger) or 'rules' "
+                         "(the earlier word rules)")
     ap.add_argument("--keep-going", action="store_true", help="write {\"error\": ...} for a bad line and go on")
     llm = ap.add_argument_group("LLM backends (transformers, openai)")
     llm.add_argument("--model-path", help="transformers: model folder or .gguf file")
@@ -83,7 +84,7 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
 def make_planner(args: argparse.Namespace) -> Callable[..., Layout]:
     """A function ``(prompt, *, max_regions, width, height, seed) -> Layout`` for the chosen backend."""
     if args.backend == "offline":
-        engine = getattr(args, "engine", "rules")
+        engine = getattr(args, "engine", "english")
         return lambda prompt, **kw: plan_offline(prompt, engine=engine, **kw)
     try:
         from .backends import make_backend

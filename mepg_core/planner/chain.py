@@ -54,6 +54,7 @@ from ..layout import (
 )
 from . import schemas
 from .backends import BackendError, ChatBackend
+from .lexicon import singular
 from .schemas import MISSING
 
 __all__ = [
@@ -377,33 +378,13 @@ def _normalise_label(label: str) -> str:
     return " ".join(label.strip().strip(".,;:!?\"'").lower().split())
 
 
-_IRREGULAR_PLURALS = {
-    "men": "man", "women": "woman", "people": "person", "children": "child", "mice": "mouse", "feet": "foot",
-    "teeth": "tooth", "geese": "goose", "oxen": "ox", "knives": "knife", "wolves": "wolf", "leaves": "leaf",
-    "shelves": "shelf", "loaves": "loaf", "halves": "half", "calves": "calf", "wives": "wife", "buses": "bus",
-    "gases": "gas", "lenses": "lens", "cacti": "cactus", "octopi": "octopus", "dice": "die",
-}
-_NO_SINGULAR = {"sheep", "fish", "deer", "glasses", "scissors", "jeans", "trousers", "pants", "species",
-                "series", "news", "skis", "bus", "gas", "grass", "glass", "dress", "cactus", "octopus"}
-
-
 def singular_noun(word: str) -> str:
-    """A plural English noun's singular, by common rules ("cats" -> "cat", "mice" -> "mouse").
+    """A plural English noun's singular ("cats" -> "cat", "mice" -> "mouse", "cacti" -> "cactus").
 
-    Used to compare labels ("cat" and "cats" name one kind of object), not to rewrite them.
+    The offline planner's own noun knowledge (:func:`.lexicon.singular`), so the chain's validators and
+    the planner agree on what one kind of object is. Used to compare labels, not to rewrite them.
     """
-    word = word.lower()
-    if word in _NO_SINGULAR:
-        return word
-    if word in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[word]
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 4 and re.search(r"(ches|shes|xes|sses|zzes)$", word):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not re.search(r"(ss|us|is)$", word):
-        return word[:-1]
-    return word
+    return singular(word.lower())[0]
 
 
 def _label_key(label: str) -> str:

@@ -23,7 +23,7 @@ from .scene import Mention, Relation
 
 FRAME = 1000.0
 EDGE = 24.0             # layout units kept free at the canvas edge
-SIZE_EXPONENT = 0.45    # compress real sizes
+SIZE_EXPONENT = 0.6     # compress real sizes (a cup beside a bus stays visible; a ball stays small by a dog)
 GROUND = 880.0          # bottom of things standing in the middle distance
 GROUND_NEAR = 960.0     # foreground
 GROUND_FAR = 620.0      # background
@@ -63,12 +63,13 @@ def compose(mentions: list[Mention], relations: list[Relation], width: int, heig
         return grid_arrange(mentions, relations, width, height, rng)
     groups = {m.index: Group(m, 0.0, 0.0) for m in mentions if m.count > 0}
     _link(groups, relations)
-    _size(groups, width, height)
+    _size(groups, width, height, rng)
     roots = [i for i, g in groups.items() if g.parent is None]
     _place_roots(groups, roots, rng)
     for i in roots:
         _place_children(groups, i)
     _fit(groups)
+    _honour_places(groups)
     _prominent(groups)
     return {i: [_int_box(b) for b in g.boxes] for i, g in groups.items()}
 
@@ -91,6 +92,9 @@ def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
             continue
         if _is_ancestor(groups, child, parent):
             continue
+        cm, pm = groups[child].mention, groups[parent].mention
+        if how in ("beside", "left", "right") and (cm.hint_x is not None and pm.hint_x is not None):
+            continue
         groups[child].parent, groups[child].how = parent, how
         groups[parent].children.append(child)
 
@@ -109,7 +113,7 @@ def _is_ancestor(groups: dict[int, Group], node: int, of: int) -> bool:
 # Sizes
 
 
-def _size(groups: dict[int, Group], width: int, height: int) -> None:
+def _size(groups: dict[int, Group], width: int, height: int, rng: random.Random | None = None) -> None:
     roots = [g for g in groups.values() if g.parent is None]
     long_max = {1: 640.0, 2: 520.0, 3: 420.0}.get(len(roots), 360.0)
     vis = {}
@@ -117,31 +121,45 @@ def _size(groups: dict[int, Group], width: int, height: int) -> None:
         size, _ = lx.noun_shape(g.mention.label)
         depth = {0: 0.6, 2: 1.15}.get(g.mention.depth, 1.0)
         vis[i] = (size ** SIZE_EXPONENT) * g.mention.size_mult * depth
-    top = max((vis[i] for i, g in groups.items() if g.parent is None), default=1.0)
+    top = max(vis.values(), default=1.0)   # the biggest thing sets the scale, wherever it hangs in the tree
     for i, g in groups.items():
         m = g.mention
         _, aspect = lx.noun_shape(m.label)
         aspect = aspect * height / width   # layout units stretch with the canvas
         long = max(MIN_LONG, long_max * min(1.0, vis[i] / top))
         if m.main:
-            long = max(long, MAIN_MIN_LONG * (0.8 if len(roots) > 2 else 1.0))
+            first = m.index == min(groups)
+            long = max(long, MAIN_MIN_LONG * (0.8 if len(roots) > 2 else 1.0) * (1.0 if first else 0.6))
+        if rng is not None:
+            long *= rng.uniform(0.9, 1.1)   # another seed, another take on the same composition
         n = max(1, m.count)
         if n > 1:
             long *= max(0.32, 1.25 / (n ** 0.5))
         w, h = (long, long / aspect) if aspect >= 1 else (long * aspect, long)
         g.w, g.h = w, h
+    # A main subject resting on or held in something makes its support big enough to show it.
+    for g in groups.values():
+        if g.parent is None or not g.mention.main or g.how not in ("on", "inside"):
+            continue
+        p = groups[g.parent]
+        bw, _, _, _ = g.block()
+        need = bw / (0.45 if g.how == "on" else 0.62)
+        if p.w < need:
+            grow = min(need / p.w, 0.92 * FRAME / p.w, 0.92 * FRAME / p.h)
+            p.w, p.h = p.w * max(1.0, grow), p.h * max(1.0, grow)
     # Children keep to their parent's scale.
     for g in groups.values():
         if g.parent is None:
             continue
         p = groups[g.parent]
-        limit = {"inside": 0.62, "on": 0.8, "holding": 0.55, "under": 0.5, "front": 0.9, "behind": 1.0}.get(g.how)
+        limit = {"inside": 0.62, "on": 0.8, "holding": 0.55, "under": 0.4, "front": 0.9, "behind": 1.0,
+                 "above": 0.9, "below": 0.9}.get(g.how)
         if limit is not None and not (g.mention.main and g.how in ("front", "behind")):
             bw, bh, _, _ = g.block()
             shrink = min(1.0, limit * p.w / bw, (limit * p.h / bh) if g.how in ("inside", "under", "holding")
                          else 1.0)
             if g.how == "on":
-                shrink = min(shrink, 0.9 * p.h / bh * 1.4, 0.55 * p.w / bw * max(1, g.mention.count) ** 0.5)
+                shrink = min(shrink, 0.9 * p.h / bh * 1.4, (0.45 if g.mention.count == 1 else 0.35) * p.w / bw)
             g.w, g.h = g.w * shrink, g.h * shrink
 
 
@@ -244,7 +262,8 @@ def _place_children(groups: dict[int, Group], i: int) -> None:
         how = g.how
         if how in ("on", "inside"):
             n_slots = len(on_kids)
-            cx = pb[0] + pw * (on_slot + 0.5) / n_slots
+            # side by side near the middle of the support, so each stays clearly on (above) it
+            cx = pcx + (on_slot - (n_slots - 1) / 2) * (0.22 * pw / max(1, n_slots - 1))
             on_slot += 1
             if how == "on":
                 # resting on the top surface, drawn a little over its edge
@@ -255,7 +274,7 @@ def _place_children(groups: dict[int, Group], i: int) -> None:
                 top = pb[1] + (ph - bh) * 0.55
             x0 = min(max(cx - bw / 2, pb[0] - 0.05 * bw), pb[2] - 0.95 * bw)
         elif how == "under":
-            x0, top = pcx - bw / 2, pb[3] - bh
+            x0, top = pcx - bw / 2, pb[3] + 0.05 * ph - bh   # low under it, so its centre is clearly below
         elif how == "holding":
             x0, top = pb[2] - 0.55 * bw, pb[1] + 0.45 * ph - bh / 2
         elif how in ("front", "behind"):
@@ -304,24 +323,106 @@ def _fit(groups: dict[int, Group]) -> None:
         b[3] += dy
 
 
+_X_TARGET = {0: 210.0, 1: 500.0, 2: 790.0}
+
+
+def _subtree(groups: dict[int, Group], i: int) -> list[list[float]]:
+    out = list(groups[i].boxes)
+    for c in groups[i].children:
+        out += _subtree(groups, c)
+    return out
+
+
+def _shift_boxes(boxes: list[list[float]], dx: float, dy: float) -> None:
+    u = _union(boxes)
+    dx = min(max(dx, EDGE - u[0]), FRAME - EDGE - u[2])
+    dy = min(max(dy, EDGE - u[1]), FRAME - EDGE - u[3])
+    for b in boxes:
+        b[0] += dx
+        b[2] += dx
+        b[1] += dy
+        b[3] += dy
+
+
+def _honour_places(groups: dict[int, Group]) -> None:
+    """"On the left", "in the sky", "in the foreground": an absolute place the layout missed moves the
+    thing (with what rests on it) there; it outranks a relation to its neighbours."""
+    for i, g in groups.items():
+        m = g.mention
+        if not g.boxes or (m.hint_x is None and m.hint_y is None and m.depth is None):
+            continue
+        boxes = _subtree(groups, i)
+        own = g.boxes
+        cx = sum((b[0] + b[2]) / 2 for b in own) / len(own)
+        cy = sum((b[1] + b[3]) / 2 for b in own) / len(own)
+        dx = dy = 0.0
+        if m.hint_x == 0 and cx > 360 or m.hint_x == 2 and cx < 640 or m.hint_x == 1 and abs(cx - 500) > 150:
+            dx = _X_TARGET[m.hint_x] - cx
+        if m.hint_y == 0 and cy > 360:
+            dy = 220.0 - cy
+        elif (m.hint_y == 2 or m.depth == 2) and cy < 590:
+            dy = 760.0 - cy
+        elif m.hint_y == 1 and abs(cy - 500) > 150:
+            dy = 500.0 - cy
+        if dx or dy:
+            _shift_boxes(boxes, dx, dy)
+        if m.depth == 0:
+            big = max((b[2] - b[0]) * (b[3] - b[1]) for b in own)
+            if big > 0.28 * FRAME * FRAME and cy >= 540:
+                _shift_boxes(boxes, 0.0, 500.0 - cy)
+
+
 MAIN_MIN_AREA = 0.06 * FRAME * FRAME
+OTHER_MAIN_MIN_AREA = 0.06 * FRAME * FRAME
+SEEN_MIN_AREA = 0.0   # other things keep their real-world size
+
+
+def _depth(groups: dict[int, Group], g: Group) -> int:
+    d, p = 0, g.parent
+    while p is not None and d < 64:
+        d, p = d + 1, groups[p].parent
+    return d
+
+
+def _min_area(g: Group, first: int, few: bool) -> float:
+    if g.mention.main:
+        return MAIN_MIN_AREA if g.mention.index == first else OTHER_MAIN_MIN_AREA
+    return SEEN_MIN_AREA if few else 0.0
 
 
 def _prominent(groups: dict[int, Group]) -> None:
-    """A main subject squeezed below ~6 % of the canvas is grown about its centre (inside the canvas)."""
-    for g in groups.values():
-        if not g.mention.main or not g.boxes:
-            continue
+    """A main subject (or, in a scene of a few things, anything) squeezed below its minimum area grows:
+    one instance about its centre (resting things about their base), several as a block about the
+    block's centre, so instances never come to overlap."""
+    few = len(groups) <= 6
+    first = min(groups) if groups else 0
+    for g in sorted(groups.values(), key=lambda g: _depth(groups, g)):   # supports before what rests on them
+        if not g.boxes or g.how == "inside":
+            continue   # a contained thing must stay in its container
+        want = _min_area(g, first, few)
         big = max((b[2] - b[0]) * (b[3] - b[1]) for b in g.boxes)
-        if big >= MAIN_MIN_AREA:
+        if big >= want:
             continue
-        f = min(2.5, (MAIN_MIN_AREA / max(big, 1.0)) ** 0.5)
+        f = min(2.5, (want / max(big, 1.0)) ** 0.5)
+        u = _union(g.boxes)
+        cx, cy = (u[0] + u[2]) / 2, (u[1] + u[3]) / 2
+        if g.how in ("on", "above", "below") and g.parent is not None and groups[g.parent].boxes:
+            # stay over (or under) the thing it relates to: no wider than most of it
+            if g.how == "on":
+                cy = u[3]
+            pu = _union(groups[g.parent].boxes)
+            share = 0.95 if g.mention.main and len(g.boxes) == 1 else 0.5
+            f = min(f, share * (pu[2] - pu[0]) / max(1.0, u[2] - u[0]))
+            cx = min(max(cx, pu[0] + (u[2] - u[0]) * f / 2), pu[2] - (u[2] - u[0]) * f / 2)
+        f = min(f, (FRAME - 2 * EDGE) / max(1.0, u[2] - u[0]), (FRAME - 2 * EDGE) / max(1.0, u[3] - u[1]))
         for b in g.boxes:
-            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-            hw, hh = (b[2] - b[0]) * f / 2, (b[3] - b[1]) * f / 2
-            cx = min(max(cx, EDGE + hw), FRAME - EDGE - hw) if 2 * hw < FRAME - 2 * EDGE else FRAME / 2
-            cy = min(max(cy, EDGE + hh), FRAME - EDGE - hh) if 2 * hh < FRAME - 2 * EDGE else FRAME / 2
-            b[:] = [cx - hw, cy - hh, cx + hw, cy + hh]
+            b[:] = [cx + (b[0] - cx) * f, cy + (b[1] - cy) * f, cx + (b[2] - cx) * f, cy + (b[3] - cy) * f]
+        _shift_boxes(g.boxes, 0.0, 0.0)   # back inside the canvas
+        nu = _union(g.boxes)
+        for c in g.children:   # what rests on it or hangs from it moves with it
+            kid = groups[c]
+            dy = nu[1] - u[1] if kid.how == "on" else ((nu[1] + nu[3]) - (u[1] + u[3])) / 2
+            _shift_boxes(_subtree(groups, c), ((nu[0] + nu[2]) - (u[0] + u[2])) / 2, dy)
 
 
 def _int_box(b: list[float]) -> tuple[int, int, int, int]:

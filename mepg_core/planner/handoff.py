@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..layout import MAX_CANVAS, MAX_REGIONS, MAX_TEXT_CHARS, Canvas, Layout, Region
-from .arrange import arrange
-from .parse import Mention, Relation
+from .compose import compose
+from .scene import Mention, Relation
 
 __all__ = ["RELATION_KINDS", "layout_from_elements"]
 
@@ -81,7 +81,7 @@ def layout_from_elements(elements: Sequence[dict[str, Any]], relations: Sequence
                              f"0..{len(mentions) - 1}")
         rels.append(Relation(kind=kind, subject=s, targets=(o,)))
     rng = random.Random(f"{seed}\x00{global_prompt}") if seed else None
-    boxes = arrange(mentions, rels, width, height, rng)
+    boxes = compose(mentions, rels, width, height, rng)
     regions = []
     for m in mentions:
         prompt = _region_prompt(m.label, m.modifiers)

@@ -44,7 +44,7 @@ def link(doc: Any, phrases: list, scene: Scene) -> None:
             p.cls = "thing"
         if p.cls not in vocabulary.BOXABLE:
             continue
-        if p.cls == "unknown" and doc[p.head].pos_ == "PROPN" and doc[p.head].ent_type_ in ("", "ORG") and \
+        if p.cls == "unknown" and doc[p.head].pos_ == "PROPN" and \
                 p.head > 0 and doc[p.head - 1].text.lower() in ("by", "of") and _after_style(doc, p.head):
             continue
         earlier = _antecedent(doc, p, scene)

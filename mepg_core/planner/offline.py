@@ -50,16 +50,16 @@ def plan_offline(
     width: int = 1024,
     height: int = 1024,
     seed: int = 0,
-    engine: str = "rules",
+    engine: str = "english",
 ) -> Layout:
     """Plan a layout for ``prompt`` with rules only; the same arguments always give the same layout.
 
     ``max_regions`` caps the number of regions (instances beyond it are dropped, later objects first
     once every object has one); ``width``/``height`` are the canvas in pixels (boxes keep believable
     aspect ratios on it); ``seed`` 0 gives the canonical layout, any other seed jitters sizes and
-    positions reproducibly. ``engine`` picks the reading: ``"rules"`` (word rules tuned on GenEval-like
-    prompts; the default for now) or ``"english"`` (a real English parse with spaCy, :mod:`.reader`,
-    and the composition arranger, :mod:`.compose`; for prompts as people write them). Raises
+    positions reproducibly. ``engine`` picks the reading: ``"english"`` (the default: a real English parse with
+    spaCy, :mod:`.reader`, and the composition arranger, :mod:`.compose`) or ``"rules"`` (the earlier
+    word rules and constraint grid, kept for comparison). Raises
     ``ValueError`` for an empty prompt or bad arguments, :class:`.reading.EnglishPipelineMissing` when the
     English engine's pipeline is not installed.
     """
@@ -182,7 +182,10 @@ def _looks_foreign(text: str, scene: Scene) -> bool:
     non_ascii = sum(1 for ch in letters if not ch.isascii())
     if non_ascii > 0.3 * len(letters):
         return True
-    return scene.word_count >= 3 and scene.known_words < 0.4 * scene.word_count
+    if scene.word_count >= 3 and scene.known_words < 0.4 * scene.word_count:
+        return True
+    # no English function word at all and few English words: "un chat rouge à côté d'un chien"
+    return scene.word_count >= 4 and scene.stop_words == 0 and scene.known_words < 0.7 * scene.word_count
 
 
 def _fallback_layout(global_prompt: str, scene: Scene, canvas: Canvas, foreign: bool) -> Layout:

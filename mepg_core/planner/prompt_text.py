@@ -32,7 +32,7 @@ QUALITY_TAGS = frozenset({
     "natural lighting", "global illumination", "depth of field", "shallow depth of field", "bokeh", "dof",
     "professional", "professional photography", "professional photo", "solo", "looking at viewer",
     "looking at the viewer", "full body", "upper body", "cowboy shot", "close-up", "closeup",
-    "wide shot", "wide angle", "wide-angle", "35mm", "50mm", "85mm", "dslr", "raw photo", "film grain",
+    "wide shot", "wide angle", "wide-angle", "35mm", "50mm", "85mm", "film grain",
     "sharp", "crisp", "vivid colors", "vibrant colors", "beautiful", "stunning", "epic", "amazing",
     "aesthetic", "newest", "very aesthetic", "score_9", "score_8_up", "score_7_up", "safe", "sfw",
     "official art", "wallpaper", "cinematic", "dramatic", "atmospheric", "moody", "realistic lighting",

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import lexicon as lx
 from . import linking, reading, vocabulary
-from .prompt_text import prepare
+from .prompt_text import prepare, strip_weights
 from .relation_words import HOLD_VERBS, PLACE_PREPS, PLACE_WORDS, RIDE_VERBS, WEAR_VERBS, match_relation
 from .scene import Mention, Relation, Scene
 
@@ -39,7 +39,12 @@ STYLE_PHRASES = {**lx.STYLE_PHRASES, "photography": "photo", "concept art": "con
                  "polaroid": "photo", "cinematic still": "photo", "film still": "photo", "isometric": "3d render",
                  "vaporwave": "digital art", "synthwave": "digital art", "art nouveau": "illustration",
                  "art deco": "illustration", "studio ghibli": "anime", "ghibli": "anime", "pop art": "comic",
-                 "papercut": "illustration", "paper cut": "illustration", "tilt-shift": "photo", "macro": "photo"}
+                 "papercut": "illustration", "paper cut": "illustration", "tilt-shift": "photo", "macro": "photo",
+                 "surreal": "painting", "surrealism": "painting", "surrealist": "painting", "tapestry": "illustration",
+                 "sumi-e": "illustration", "ink painting": "illustration", "ink wash": "illustration",
+                 "gopro": "photo", "fisheye": "photo", "blender": "3d render", "pixar": "3d render",
+                 "octane render": "3d render", "raw photo": "photo", "analog photo": "photo",
+                 "long exposure": "photo", "double exposure": "photo", "bokeh": "photo"}
 _STYLE_WORDS = sorted(STYLE_PHRASES, key=lambda s: -len(s.split()))
 # Words that widen a style phrase to what the user wrote ("food photography", "watercolor painting").
 _STYLE_LEFT = frozenset({"food", "product", "beauty", "fashion", "street", "wildlife", "portrait", "fantasy",
@@ -48,8 +53,11 @@ _STYLE_LEFT = frozenset({"food", "product", "beauty", "fashion", "street", "wild
 _STYLE_RIGHT = frozenset({"painting", "photography", "photo", "photograph", "style", "art", "illustration",
                           "render", "screenshot", "drawing", "sketch", "aesthetic", "artwork", "print",
                           "design", "shot", "still", "look"})
-_PORTIONS = lx.PORTION_NOUNS | {"roll", "sheet", "stick", "bar", "head", "ear", "clove", "cup", "glass",
-                                "scoop", "spoonful", "handful", "box", "pack", "packet", "carton", "jar", "bottle"}
+_VESSELS = frozenset({"glass", "cup", "mug", "bowl", "bottle", "jar", "plate", "pot", "bucket", "basket", "box",
+                      "bag", "can", "carton", "pitcher", "jug", "vase", "teacup", "tray", "pan", "kettle", "flask",
+                      "barrel", "sack", "tub", "spoon", "ladle"})
+# "a slice of pizza", "five rolls of toilet paper": the portion names how much of the thing there is.
+_PORTIONS = lx.PORTION_NOUNS | {"roll", "sheet", "stick", "bar", "clove", "spoonful", "scoop", "handful"}
 _ORDER = {("from", "left", "to", "right"): False, ("left", "to", "right"): False,
           ("from", "right", "to", "left"): True, ("right", "to", "left"): True}
 
@@ -71,6 +79,8 @@ class Phrase:
     style: str | None = None
     size_mult: float = 1.0
     mention: int | None = None      # index into the scene's mentions once linked
+    via_surface: bool = False       # reached as "the surface / top of" it
+    alias_of: int | None = None     # "a school of fish": the phrase that names the things
     owner: int | None = None        # phrase index of the wearer / owner for worn things and parts
     skip: bool = False
 
@@ -82,8 +92,9 @@ def read_scene(text: str) -> Scene:
     words = [t.text.lower() for t in doc]
     scene = Scene()
     scene.word_count = sum(1 for t in doc if t.is_alpha)
+    scene.stop_words = sum(1 for t in doc if t.is_alpha and t.is_stop)
     scene.known_words = sum(1 for t in doc if t.is_alpha and (vocabulary.wordnet_codes(t.lemma_.lower())
-                                                              or t.is_stop or t.pos_ in ("ADJ", "ADP")))
+                                                              or t.is_stop or vocabulary.is_not_noun(t.text)))
     styles = _style_spans(words)
     phrases = _noun_phrases(doc, words, styles)
     by_head = {p.head: k for k, p in enumerate(phrases)}
@@ -91,10 +102,19 @@ def read_scene(text: str) -> Scene:
     _attach_worn(doc, phrases, by_head)
     linking.link(doc, phrases, scene)
     _global_style(doc, words, styles, phrases, scene)
+    if scene.global_style is None:
+        # quality and camera tags are not read for objects, but "octane render" or "RAW photo" is a style
+        raw = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", strip_weights(text).lower())
+        for _start, (_end, style) in sorted(_style_spans(raw).items()):
+            scene.global_style = style
+            break
     _relations(doc, words, phrases, by_head, scene)
     _predicates(doc, phrases, by_head, scene)
+    _descriptions(doc, phrases, scene)
+    _drop_spelled_out_groups(doc, scene, phrases)
     _choose_main(doc, scene, phrases)
-    scene.negatives = [p.label for p in phrases if p.negated and p.cls in vocabulary.BOXABLE]
+    scene.negatives = [" ".join(t.text for t in doc[p.start:p.head + 1] if t.pos_ != "DET").lower()
+                       for p in phrases if p.negated and p.cls in vocabulary.BOXABLE]
     scene.scene_words = [p.label for p in phrases if p.cls == "scenery" and not p.negated]
     return scene
 
@@ -104,13 +124,26 @@ def read_scene(text: str) -> Scene:
 
 
 def _verb_read_as_noun(doc: Any, i: int) -> bool:
-    """"A red lighter rests atop a desk": the small model sometimes tags a verb after a noun as a plural noun."""
+    """"A red lighter rests atop a desk", "a crab clings tightly": the small model sometimes tags a verb
+    after a noun as a plural noun."""
     tok = doc[i]
     low = tok.text.lower()
-    if low not in lx.VERBS_3RD or i == 0:
+    if i == 0:
         return False
     nxt = doc[i + 1] if i + 1 < len(doc) else None
-    return nxt is None or nxt.pos_ in ("ADP", "ADV", "DET", "PUNCT", "PART", "SCONJ")
+    before_verb_context = nxt is None or nxt.pos_ in ("ADP", "ADV", "DET", "PUNCT", "PART", "SCONJ", "PRON")
+    if low in lx.VERBS_3RD or low in _VERBS_AFTER_NOUNS:
+        return before_verb_context and doc[i - 1].pos_ in (*_NOUN_POS, "ADJ")
+    return False
+
+
+# Present-tense verbs the small model reads as plural nouns after a noun ("a crab clings tightly").
+_VERBS_AFTER_NOUNS = frozenset({
+    "clings", "perches", "sparkles", "gleams", "looms", "dangles", "lounges", "basks", "wanders", "roams",
+    "drifts", "flows", "reflects", "casts", "catches", "features", "displays", "contains", "boasts", "shows",
+    "adds", "sways", "bobs", "blooms", "spills", "pours", "drips", "glistens", "shimmers", "twinkles",
+    "nestles", "sprawls", "rests", "sits", "stands", "lies", "hangs", "floats", "leans", "glows", "shines",
+    "hovers", "peeks", "towers", "stretches", "rises", "grazes", "sleeps", "waits", "swims", "gazes"})
 
 
 def _noun_read_as_adjective(doc: Any, i: int) -> bool:
@@ -125,17 +158,32 @@ def _known_noun_mistagged(doc: Any, i: int) -> bool:
     nouns as adjectives or verbs; a known noun after a determiner, number or adjective and before no
     other noun is read as a noun."""
     tok = doc[i]
-    if tok.pos_ not in ("ADJ", "VERB", "ADV") or i == 0:
+    if tok.pos_ not in ("ADJ", "VERB", "ADV"):
         return False
     low = tok.text.lower()
     sing = lx.singular(low)[0]
-    if low not in lx.known_nouns() and sing not in lx.known_nouns():
+    prev = doc[i - 1] if i > 0 else None
+    if prev is not None and f"{prev.text.lower()} {sing}" in lx.known_nouns():
+        return True    # "a white stop sign", "a brown teddy bear"
+    if tok.pos_ == "VERB" and (tok.tag_ != "VB" or not (prev is None or prev.text in (",", ";", "(", ".")
+                                                        or prev.pos_ == "DET")):
+        return False   # an inflected verb is a verb
+    living = vocabulary.classify(sing) in ("person", "animal") and tok.pos_ == "ADV"
+    if low not in lx.known_nouns() and sing not in lx.known_nouns() and not living:
         return False
-    prev = doc[i - 1]
     nxt = doc[i + 1] if i + 1 < len(doc) else None
-    if nxt is not None and (nxt.pos_ in _NOUN_POS or nxt.pos_ == "ADJ" and nxt.dep_ == "amod"):
+    if nxt is not None and (nxt.pos_ in _NOUN_POS and not _gerund(nxt) or nxt.pos_ == "ADJ" and nxt.dep_ == "amod"):
         return False
+    if low in lx.COLOR_WORDS or low.endswith(("ing", "ed")):
+        return prev is not None and prev.pos_ == "DET"
+    if prev is None or prev.text in (",", ";", "(", ".") or living or low in lx.NOUN_SHAPES:
+        return True   # "knight in silver armor, ...", "castle in the background", "a watercolor hummingbird"
     return prev.pos_ in ("DET", "NUM", "ADJ") or f"{prev.text.lower()} {sing}" in lx.known_nouns()
+
+
+def _gerund(tok: Any) -> bool:
+    low = tok.text.lower()
+    return low.endswith("ing") and vocabulary.wordnet_codes(low) is None
 
 
 def _is_head(doc: Any, i: int) -> bool:
@@ -159,8 +207,9 @@ def _is_head(doc: Any, i: int) -> bool:
         return True    # "a suitcase right of a boat"
     if i + 1 < len(doc):
         nxt = doc[i + 1]
+        gerund = _gerund(nxt) or _verb_read_as_noun(doc, i + 1)
         if nxt.pos_ in _NOUN_POS and tok.dep_ in ("compound", "amod", "nmod") and tok.head.i > i \
-                and nxt.is_alpha:
+                and nxt.is_alpha and not gerund:
             return False
         if nxt.text == "-" and i + 2 < len(doc) and doc[i + 2].pos_ in _NOUN_POS:
             return False
@@ -198,7 +247,8 @@ def _noun_phrases(doc: Any, words: list[str], styles: dict[int, tuple[int, str]]
         start = i
         while start > 0:
             prev = doc[start - 1]
-            if f"{prev.text.lower()} {lx.singular(doc[start].text.lower())[0]}" in lx.known_nouns():
+            if f"{prev.text.lower()} {lx.singular(doc[start].text.lower())[0]}" in lx.known_nouns() or \
+                    (start - 1) in style_tokens:
                 start -= 1
                 continue
             if prev.pos_ in _PHRASE_POS or prev.text == "-" or (prev.pos_ == "VERB" and prev.tag_ in ("VBN", "VBG")
@@ -209,7 +259,7 @@ def _noun_phrases(doc: Any, words: list[str], styles: dict[int, tuple[int, str]]
                 if _verb_read_as_noun(doc, start - 1):
                     break
                 if prev.pos_ in _NOUN_POS and prev.dep_ not in ("compound", "amod", "nmod", "nummod", "quantmod") \
-                        and prev.text.lower() not in lx.NUMBER_WORDS:
+                        and prev.text.lower() not in lx.NUMBER_WORDS and doc[start].text != "-":
                     break
                 if prev.text.lower() in ("that", "which", "who", "there", "here"):
                     break
@@ -256,17 +306,16 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
         cls = "abstract"
     if sing in lx.COLOR_WORDS and label == sing and sing not in lx.known_nouns():
         cls = "abstract"
-    if sing in vocabulary.SKY_THINGS and tok.dep_ == "pobj" and label == sing and tok.head.text.lower() == "of":
+    if sing in vocabulary.SKY_THINGS and label == sing and (
+            tok.dep_ == "pobj" and tok.head.text.lower() in ("of", "on") or tok.dep_ == "poss"):
         cls = "scenery"   # "the glow of the setting sun", "under the moon": light, not a thing to place
-    if cls in ("thing", "person", "animal", "food", "plant", "unknown") and sing in vocabulary.GENERIC:
+    if cls in ("thing", "person", "animal", "food", "plant", "unknown") and label in vocabulary.GENERIC:
         cls = "generic"
-    if cls == "unknown":
-        if tok.pos_ == "PROPN" and tok.ent_type_ in ("GPE", "LOC", "FAC", "DATE", "TIME", "NORP", "EVENT"):
-            cls = "scenery"
-        elif tok.ent_type_ in ("CARDINAL", "QUANTITY", "ORDINAL", "PERCENT", "MONEY"):
-            cls = "abstract"
-        elif tok.pos_ == "PROPN" and tok.ent_type_ == "PERSON":
-            cls = "person"
+    if cls == "unknown" and tok.pos_ == "PROPN" and start > 0 and \
+            words[start - 1] in ("in", "at", "over", "across", "from", "near", "of", "above", "around", "through"):
+        cls = "scenery"   # "over Cappadocia", "in San Francisco": a place
+    if tok.pos_ == "PROPN" and _after_artist_words(words, start):
+        cls = "meta"   # "in the style of Van Gogh", "inspired by Salvador Dali": a name, not a thing
     p = Phrase(start=start, head=head, label=label, cls=cls, plural=plural)
     count: int | None = None
     for j in range(start, head):
@@ -312,10 +361,18 @@ def _make_phrase(doc: Any, words: list[str], start: int, head: int, styles: dict
     return p
 
 
+def _after_artist_words(words: list[str], start: int) -> bool:
+    before = words[max(0, start - 3):start]
+    return (before[-2:] == ["style", "of"] or before[-2:] == ["inspired", "by"] or before[-1:] == ["by"]
+            or before[-2:] == ["works", "of"] or before[-3:] == ["in", "the", "manner"])
+
+
 def _number(words: list[str], j: int) -> int | None:
     w = words[j]
     if w == "dozen" and j >= 2 and words[j - 2:j] == ["half", "a"]:
         return 6
+    if j >= 2 and words[j - 1] == "-" and words[j - 2] in lx.NUMBER_WORDS and lx.NUMBER_WORDS[words[j - 2]] >= 20:
+        return None   # the "one" of "twenty-one"
     if w.isdigit():
         return min(int(w[:4]), 1000)
     if w in lx.NUMBER_WORDS:
@@ -345,10 +402,11 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
         nxt = p.head + 1
         if nxt >= len(doc) or doc[nxt].text.lower() != "of":
             continue
-        later = [q for q in phrases[k + 1:] if q.start > nxt][:1]
-        if not later or later[0].start - nxt > 4:
+        later = [j for j in range(k + 1, len(phrases)) if phrases[j].start > nxt][:1]
+        if not later or phrases[later[0]].start - nxt > 4:
             continue
-        q = later[0]
+        later_index = later[0]
+        q = phrases[later_index]
         head_word = doc[p.head].text.lower()
         if head_word in lx.COLLECTIVE_NOUNS or p.label in lx.COLLECTIVE_NOUNS:
             value = lx.COLLECTIVE_NOUNS.get(head_word, lx.COLLECTIVE_NOUNS.get(p.label, 3))
@@ -362,20 +420,21 @@ def _attach_of_phrases(doc: Any, phrases: list[Phrase], by_head: dict[int, int])
                 q.count, q.count_explicit = 1, True
             q.negated = q.negated or p.negated
             p.skip = True
+            p.alias_of = later_index
         elif head_word == "half" and doc[nxt + 1].text.lower() in ("a", "an") and q.label:
             q.count = 6 if doc[q.head - 1].text.lower() == "dozen" else q.count
             p.skip = True
-        elif (head_word in _PORTIONS or p.label in _PORTIONS) and (q.plural or head_word in lx.PORTION_NOUNS
-                                                                    or head_word in ("roll", "sheet", "stick")):
-            if head_word not in lx.PORTION_NOUNS and head_word not in ("roll", "sheet", "stick"):
-                continue   # "a bowl of apples", "a box of chocolates": two things
+        elif head_word in _PORTIONS or p.label in _PORTIONS:
+            if q.cls not in vocabulary.BOXABLE:
+                q.cls = "thing"   # "five rolls of toilet paper", "a bar of soap"
             q.modifiers = [*p.modifiers, f"{doc[p.head].text} of", *q.modifiers]
             q.count, q.count_explicit = p.count, p.count_explicit
             p.skip = True
         elif p.cls in ("meta", "abstract", "scenery"):
             continue
-        elif p.cls in vocabulary.BOXABLE and q.cls in ("food", "abstract", "scenery", "unknown") and not q.plural:
-            q.skip = True   # "a cup of coffee": the coffee is the cup's words
+        elif p.cls in vocabulary.BOXABLE and not q.plural and (
+                q.cls in ("food", "abstract", "scenery", "unknown") or p.label.split()[-1] in _VESSELS):
+            q.skip = True   # "a cup of coffee", "two glasses of milk": what is in it is the vessel's words
             q.owner = k
         elif p.cls in ("worn", "part") or doc[p.head].lemma_.lower() in vocabulary.WORN:
             p.owner = by_head.get(q.head)   # "the surface of the table", "the bark of a pine"
@@ -395,10 +454,19 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
         if p.skip or p.owner is not None:
             continue
         tok = doc[p.head]
+        if p.cls not in ("person", "animal") and tok.head.text.lower() in ("of", "in", "with") and \
+                _verb_lemma(tok.head.head, _DESCRIBING_VERBS) in _DESCRIBING_VERBS and \
+                tok.head.head.dep_ in ("acl", "relcl", "amod", "advcl") and tok.head.head.i > 0:
+            p.skip = True   # "a bed covered in white linen", "a dragon made of autumn leaves": its looks
+            continue
         owner = _possessor(tok, phrases, by_head, conj=p.cls in ("worn", "part")) \
             if p.cls not in ("person", "animal") else None
         if owner is None and p.cls in ("worn", "part"):
             owner = _syntactic_owner(tok, phrases, by_head)
+        if owner is None and p.cls == "thing" and vocabulary.is_clothing(p.label):
+            wearer = _syntactic_owner(tok, phrases, by_head)   # "a girl in a white sundress"
+            if wearer is not None and phrases[wearer].cls in ("person", "animal", "worn"):
+                owner = wearer
         if owner is None and p.cls not in ("worn", "part") and p.cls in vocabulary.BOXABLE and \
                 p.cls not in ("person", "animal") and _possessor(tok, phrases, by_head, any_kind=True) is not None:
             owner = _possessor(tok, phrases, by_head, any_kind=True)
@@ -420,7 +488,8 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
         elif p.cls in ("worn", "part"):
             body = (vocabulary.wordnet_codes(p.label) or "x")[0] == "B" or p.label in _BODY
             subject = tok.dep_ in ("ROOT", "nsubj", "nsubjpass") or p.count_explicit
-            p.cls = "abstract" if body and not subject else "thing"
+            part_only = p.cls == "part" and p.label not in lx.NOUN_SHAPES
+            p.cls = "abstract" if (body or part_only) and not subject else "thing"
 
 
 def _standalone_chunk(doc: Any, tok: Any) -> bool:
@@ -446,7 +515,7 @@ def _possessor(tok: Any, phrases: list[Phrase], by_head: dict[int, int], any_kin
             if child.i in by_head:
                 return by_head[child.i]
             if child.text.lower() in ("its", "their", "his", "her") and not any_kind:
-                return _nearest_before(phrases, tok.i)
+                return _salient_before(phrases, tok.i, tok.doc)
     # conj of an owned part ("its green flesh and brown pit")
     if conj and tok.dep_ == "conj" and tok.head.i in by_head:
         owner = phrases[by_head[tok.head.i]].owner
@@ -461,6 +530,20 @@ def _nearest_before(phrases: list[Phrase], pos: int) -> int | None:
         if q.head < pos and not q.skip and q.cls in vocabulary.BOXABLE:
             return j
     return None
+
+
+def _salient_before(phrases: list[Phrase], pos: int, doc: Any) -> int | None:
+    """What "its" refers to: the subject of its sentence if that is a thing, else the first thing of the
+    prompt if it came earlier, else the nearest thing before."""
+    sent = doc[pos].sent
+    for j, q in enumerate(phrases):
+        if q.head < pos and not q.skip and q.cls in vocabulary.BOXABLE and doc[q.head].sent == sent and \
+                doc[q.head].dep_ in ("nsubj", "nsubjpass"):
+            return j
+    firsts = [j for j, q in enumerate(phrases) if q.head < pos and not q.skip and q.cls in vocabulary.BOXABLE]
+    if firsts and doc[phrases[firsts[0]].head].sent != sent:
+        return firsts[0]
+    return _nearest_before(phrases, pos)
 
 
 def _syntactic_owner(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) -> int | None:
@@ -483,6 +566,10 @@ def _syntactic_owner(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) -
                     return by_head[subj[0].i]
                 if anc.dep_ in ("acl", "relcl") and anc.head.i in by_head:
                     return by_head[anc.head.i]
+                if anc.lemma_.lower() in WEAR_VERBS:   # "an old sailor ..., wearing a navy cap"
+                    people = [j for j, q in enumerate(phrases) if q.head < anc.i and q.cls in ("person", "animal")
+                              and not q.skip]
+                    return people[-1] if people else None
             return None
         via, anc = anc, anc.head
     return None
@@ -492,25 +579,30 @@ def _syntactic_owner(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) -
 # Styles
 
 
+_STYLE_INDEX: dict[str, list[list[str]]] = {}
+for _phrase in _STYLE_WORDS:
+    _STYLE_INDEX.setdefault(_phrase.split()[0], []).append(_phrase.split())
+    if "-" in _phrase and " " not in _phrase:
+        _STYLE_INDEX.setdefault(_phrase.split("-")[0], []).append(_phrase.replace("-", " - ").split())
+
+
 def _style_spans(words: list[str]) -> dict[int, tuple[int, str]]:
     """start -> (end, style as written) for every style phrase in the words ("pixel art", "food
     photography", "watercolor painting"); :func:`mepg_core.styles.canonical_style` maps them to tags."""
     spans: dict[int, tuple[int, str]] = {}
     i = 0
     while i < len(words):
-        for phrase in _STYLE_WORDS:
-            parts = phrase.split()
-            if words[i:i + len(parts)] == parts or (len(parts) == 1 and "-" in phrase and
-                                                     "".join(words[i:i + 3]) == phrase):
-                n = len(parts) if words[i:i + len(parts)] == parts else 3
-                s, e = i, i + n
-                while s > 0 and words[s - 1] in _STYLE_LEFT and s - 1 not in spans:
-                    s -= 1
-                while e < len(words) and words[e] in _STYLE_RIGHT:
-                    e += 1
-                spans[s] = (e, " ".join(words[s:e]).replace(" - ", "-"))
-                i = e - 1
-                break
+        for parts in _STYLE_INDEX.get(words[i], ()):
+            if words[i:i + len(parts)] != parts:
+                continue
+            s, e = i, i + len(parts)
+            while s > 0 and words[s - 1] in _STYLE_LEFT and s - 1 not in spans:
+                s -= 1
+            while e < len(words) and words[e] in _STYLE_RIGHT:
+                e += 1
+            spans[s] = (e, " ".join(words[s:e]).replace(" - ", "-"))
+            i = e - 1
+            break
         i += 1
     return spans
 
@@ -555,6 +647,8 @@ def _mention_of_token(tok: Any, phrases: list[Phrase], by_head: dict[int, int]) 
     p = phrases[k]
     if p.mention is not None:
         return p.mention
+    if p.alias_of is not None:
+        return phrases[p.alias_of].mention
     if p.owner is not None and phrases[p.owner].mention is not None:
         return phrases[p.owner].mention
     return None
@@ -571,8 +665,18 @@ def _subject_of(tok: Any, doc: Any, phrases: list[Phrase], by_head: dict[int, in
         if m is not None and m not in exclude and anc.i != tok.i:
             return m
         if anc.pos_ in ("VERB", "AUX") or anc.dep_ == "ROOT":
-            for c in anc.children:
-                if c.dep_ in ("nsubj", "nsubjpass", "expl"):
+            kids = list(anc.children)
+            if any(c.dep_ == "expl" for c in kids) or (tok.i < anc.i and not any(
+                    c.dep_ in ("nsubj", "nsubjpass") for c in kids)):
+                # "there is a handbag", "To the right of the tree stands a deer"
+                kids = [c for c in kids if c.dep_ in ("attr", "dobj") and c.i > anc.i] + kids
+                for c in kids:
+                    if c.dep_ in ("attr", "dobj"):
+                        m = _mention_of_token(c, phrases, by_head)
+                        if m is not None and m not in exclude:
+                            return m
+            for c in kids:
+                if c.dep_ in ("nsubj", "nsubjpass", "expl", "attr"):
                     m = _mention_of_token(c, phrases, by_head)
                     if m is None and c.text.lower() in _PRONOUN_SUBJECTS:
                         m = linking.last_mention_before(phrases, c.i, exclude)
@@ -597,6 +701,13 @@ def _target_after(doc: Any, phrases: list[Phrase], j: int, limit: int = 6) -> tu
                                                              for x in range(j, p.start)):
             if p.mention is None and p.owner is not None:
                 return k, phrases[p.owner].mention
+            if p.mention is None and p.head + 1 < len(doc) and doc[p.head + 1].text.lower() == "of":
+                # "upon the polished surface of an oak desk", "on the back of the sofa"
+                for q in phrases[k + 1:k + 3]:
+                    if q.start - p.head <= 4 and q.mention is not None:
+                        if p.label in _TOP_WORDS:
+                            q.via_surface = True
+                        return k, q.mention
             return k, p.mention
         if p.start > j + limit:
             break
@@ -606,6 +717,7 @@ def _target_after(doc: Any, phrases: list[Phrase], j: int, limit: int = 6) -> tu
 def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[int, int], scene: Scene) -> None:
     rels: list[Relation] = []
     n = len(words)
+    hits = tuple(j for j in range(n) if match_relation(words, j))
     i = 0
     while i < n:
         tok = doc[i]
@@ -618,14 +730,35 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                 rels.append(Relation("left" if words[i + 2] == "left" else "right", subj, (owner,)))
             i += 3
             continue
+        if words[i] in ("on", "at") and i + 1 < n and words[i + 1] == "top" and (i + 2 >= n or words[i + 2] != "of"):
+            # "two mugs on top": on the thing they were named with
+            subj = _subject_of(tok, doc, phrases, by_head, i, set())
+            holder = _holder_of(subj, phrases, doc, by_head) if subj is not None else None
+            if subj is not None and holder is not None:
+                rels.append(Relation("on", subj, (holder,)))
+                i += 2
+                continue
         place = _absolute_place(words, i)
         if place is not None:
             axis, value, end = place
-            subj = _subject_of(tok, doc, phrases, by_head, i, set())
+            subj = None
+            if i == 0 or words[i - 1] in (",", ":", ";", ".", "-"):
+                # "on the left a watercolor fox": the place comes first in its part of the prompt
+                subj = _first_mention_in_chunk(doc, phrases, end)
+            if subj is None:
+                subj = _subject_of(tok, doc, phrases, by_head, i, set())
             if subj is not None:
-                _set_place(scene.mentions[subj], axis, value)
+                for s_ in [subj, *[c for c in _conj_subjects(subj, phrases, doc, by_head)
+                                   if _shares(c, i, hits, phrases)]]:
+                    _set_place(scene.mentions[s_], axis, value)
             i = end
             continue
+        if words[i] in ("overhead", "aloft", "skyward", "airborne") or words[i:i + 2] in (["high", "above"],
+                                                                                        ["high", "up"]):
+            subj = _subject_of(tok, doc, phrases, by_head, i, set())
+            if subj is not None and scene.mentions[subj].hint_y is None and (
+                    words[i] != "high" or not _target_after(doc, phrases, i + 2, 3)[1]):
+                scene.mentions[subj].hint_y = 0   # "seagulls overhead", "mounted high up on the wall"
         order = next((rev for ph, rev in _ORDER.items() if tuple(words[i:i + len(ph)]) == ph), None)
         if order is not None:
             ms = [p.mention for p in phrases if p.mention is not None and p.head < i and
@@ -636,10 +769,24 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
             rels += [Relation("left", a, (b,)) for a, b in zip(ms, ms[1:])]
             i += 3
             continue
-        hit = match_relation(words, i) if tok.pos_ in ("ADP", "ADV", "SCONJ", "ADJ", "NOUN", "VERB") else None
+        hit = match_relation(words, i) if tok.pos_ != "PUNCT" else None
         if hit is not None:
             kind, end = hit
+            if end < n and words[end] in ("it", "them", "him", "her", "itself", "themselves"):
+                # "a coffee table in front of it": the pronoun's thing
+                subj = _subject_of(tok, doc, phrases, by_head, i, set())
+                target = linking.last_mention_before(phrases, i, {subj} if subj is not None else set())
+                if subj is not None and target is not None and subj != target:
+                    _add_relation(rels, scene, kind, subj, (target,), phrases, doc, by_head, i, hits)
+                i = end + 1
+                continue
             k, target = _target_after(doc, phrases, end)
+            if target is not None and kind in ("beside", "above", "inside") and words[i] not in ("under", "below",
+                                                                                            "beneath"):
+                via = any(q.via_surface and q.mention == target for q in phrases)
+                if via or (words[i] in ("across", "along", "over", "atop") and _is_surface(
+                        scene.mentions[target].label)):
+                    kind = "on"   # "strewn across the surface of a table"
             if target is not None:
                 subj = _subject_of(tok, doc, phrases, by_head, i, {target})
                 if subj is not None and subj != target:
@@ -648,15 +795,48 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                         second = _conj_mention(doc, phrases, by_head, phrases[k])
                         if second is not None and second != target:
                             targets.append(second)
-                    _add_relation(rels, scene, kind, subj, tuple(targets), phrases, doc, by_head)
+                    _add_relation(rels, scene, kind, subj, tuple(targets), phrases, doc, by_head, i, hits)
             elif kind in ("inside", "on") and k is not None:
                 _scenery_place(scene, phrases[k], _subject_of(tok, doc, phrases, by_head, i, set()), kind)
+            elif kind == "between" and words[i:i + 3] in (["in", "the", "middle"], ["in", "the", "center"],
+                                                           ["in", "the", "centre"], ["at", "the", "center"]):
+                subj = _subject_of(tok, doc, phrases, by_head, i, set())   # "in the middle of the ballroom"
+                if subj is not None:
+                    for s_ in [subj, *_conj_subjects(subj, phrases, doc, by_head)]:
+                        _set_place(scene.mentions[s_], "c", 1)
             i = end
             continue
         if tok.pos_ == "VERB":
             _verb_relation(tok, doc, phrases, by_head, rels, scene)
         i += 1
     scene.relations = _dedupe(rels)
+
+
+def _holder_of(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> int | None:
+    """The thing a mention was introduced with ("a table with two mugs"), else the one named before it."""
+    for p in phrases:
+        if p.mention != subj:
+            continue
+        tok = doc[p.head]
+        if tok.head.text.lower() in ("with", "of") and tok.head.head.i in by_head:
+            m = _mention_of_token(tok.head.head, phrases, by_head)
+            if m is not None and m != subj:
+                return m
+        return linking.last_mention_before(phrases, p.start, {subj})
+    return None
+
+
+def _first_mention_in_chunk(doc: Any, phrases: list[Phrase], start: int) -> int | None:
+    for p in phrases:
+        if p.head < start:
+            continue
+        if any(doc[x].text in (",", ";", ":", ".") for x in range(start, p.head)):
+            return None
+        m = p.mention if p.mention is not None else (phrases[p.alias_of].mention if p.alias_of is not None
+                                                     else None)
+        if m is not None:
+            return m
+    return None
 
 
 def _conj_mention(doc: Any, phrases: list[Phrase], by_head: dict[int, int], p: Phrase) -> int | None:
@@ -671,13 +851,14 @@ def _conj_mention(doc: Any, phrases: list[Phrase], by_head: dict[int, int], p: P
 
 
 def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targets: tuple[int, ...],
-                  phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> None:
+                  phrases: list[Phrase], doc: Any, by_head: dict[int, int], at: int = -1,
+                  hits: tuple[int, ...] = ()) -> None:
     if kind == "with":
         target = targets[0]
         holder, content = scene.mentions[subj], scene.mentions[target]
         if holder.label in lx.CONTAINER_NOUNS and content.kind in ("food", "plant", "thing", "animal"):
             rels.append(Relation("inside", target, (subj,), explicit=False))
-        elif holder.label in _SURFACES:
+        elif _is_surface(holder.label):
             rels.append(Relation("on", target, (subj,), explicit=False))
         else:
             rels.append(Relation("beside", subj, (target,), explicit=False))
@@ -691,19 +872,36 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
     if kind == "flanked":
         rels.append(Relation("between", subj, targets))
         return
+    if kind == "beside" and _is_surface(scene.mentions[targets[0]].label) and \
+            doc[_phrase_head_of(phrases, targets[0])].head.text.lower() in ("across", "along", "over", "atop"):
+        kind = "on"   # "racing across a kitchen table"
     if kind == "inside" and scene.mentions[targets[0]].label not in lx.CONTAINER_NOUNS and \
             scene.mentions[targets[0]].kind in ("person", "animal"):
         kind = "beside"
-    subjects = [subj, *_conj_subjects(subj, phrases, doc, by_head)]
+    subjects = [subj, *[c for c in _conj_subjects(subj, phrases, doc, by_head)
+                        if _shares(c, at, hits, phrases)]]
     for s in subjects:
         if s not in targets:
             rels.append(Relation(kind, s, targets))
 
 
+_TOP_WORDS = frozenset({"surface", "top", "tabletop", "countertop", "face", "lid", "seat", "back", "deck"})
 _SURFACES = frozenset({"table", "dining table", "desk", "shelf", "bed", "couch", "sofa", "tray", "plate",
                        "counter", "coffee table", "nightstand", "stool", "bench", "board", "cutting board",
                        "platter", "dresser", "cabinet", "bookshelf", "windowsill", "mantel", "mantelpiece",
                        "workbench", "altar", "pedestal", "stand", "table top", "countertop"})
+
+
+def _shares(conj: int, at: int, hits: tuple[int, ...], phrases: list[Phrase]) -> bool:
+    """"a cat and a dog on a sofa": both are on it; "a bird above a tree, and a dog below it": each has its own."""
+    if at < 0:
+        return True
+    pos = _phrase_head_of(phrases, conj)
+    return pos < at and not any(pos < h < at for h in hits)
+
+
+def _phrase_head_of(phrases: list[Phrase], mention: int) -> int:
+    return next((p.head for p in phrases if p.mention == mention), 0)
 
 
 def _conj_subjects(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> list[int]:
@@ -724,9 +922,20 @@ def _conj_subjects(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int
     return out
 
 
+def _verb_lemma(verb: Any, *sets: frozenset) -> str:
+    """The verb's lemma, checked against its written form too ("riding" -> ride when lemmatised "rid")."""
+    low = verb.text.lower()
+    forms = [verb.lemma_.lower(), low, low[:-3], low[:-3] + "e", low[:-1], low[:-2], low[:-4] if low.endswith(
+        ("dding", "gging", "nning", "pping", "tting")) else low]
+    for f in forms:
+        if any(f in st for st in sets):
+            return f
+    return forms[0]
+
+
 def _verb_relation(verb: Any, doc: Any, phrases: list[Phrase], by_head: dict[int, int], rels: list[Relation],
                    scene: Scene) -> None:
-    lemma = verb.lemma_.lower()
+    lemma = _verb_lemma(verb, HOLD_VERBS, RIDE_VERBS, WEAR_VERBS, _SUPPORT_VERBS)
     objs = [c for c in verb.children if c.dep_ in ("dobj", "obj")]
     if not objs:
         return
@@ -740,14 +949,34 @@ def _verb_relation(verb: Any, doc: Any, phrases: list[Phrase], by_head: dict[int
             subj = _mention_of_token(verb.head, phrases, by_head)
     if target is None or subj is None or subj == target:
         return
-    if lemma in HOLD_VERBS:
-        rels.append(Relation("holding", subj, (target,)))
+    holder, thing = scene.mentions[subj], scene.mentions[target]
+    if holder.kind not in ("person", "animal") and lemma in HOLD_VERBS | _SUPPORT_VERBS:
+        # "the nightstand holds a lamp", "its surface hosting a kettle": resting on or inside it
+        kind = "on" if _is_surface(holder.label) or holder.label not in lx.CONTAINER_NOUNS else "inside"
+        rels.append(Relation(kind, target, (subj,)))
     elif lemma in RIDE_VERBS:
         rels.append(Relation("on", subj, (target,)))
     elif lemma in WEAR_VERBS:
         pass
+    elif lemma in HOLD_VERBS or (holder.kind in ("person", "animal") and thing.kind not in ("person", "animal")
+                                 and lemma not in _AT_A_DISTANCE_VERBS):
+        rels.append(Relation("holding", subj, (target,)))   # "mending a net", "eating bamboo", "reading a book"
     else:
         rels.append(Relation("beside", subj, (target,), explicit=False))
+
+
+_SUPPORT_VERBS = frozenset({"feature", "host", "support", "display", "bear", "hold", "carry", "showcase",
+                            "contain", "have", "boast", "present", "house", "cradle"})
+# Verbs whose object is seen or met, not handled.
+_AT_A_DISTANCE_VERBS = frozenset({"look", "watch", "see", "face", "chase", "follow", "race", "approach", "pass",
+                                  "cross", "leave", "enter", "visit", "greet", "admire", "observe", "overlook",
+                                  "guard", "ignore", "eye", "stare", "hunt", "stalk", "pursue", "circle",
+                                  "fly", "walk", "climb", "jump", "reach", "explore", "overhang", "shade",
+                                  "illuminate", "light", "frame", "surround", "flank", "block", "share"})
+
+
+def _is_surface(label: str) -> bool:
+    return label in _SURFACES or label.split()[-1] in _SURFACES
 
 
 def _absolute_place(words: list[str], i: int) -> tuple[str, int, int] | None:
@@ -828,6 +1057,51 @@ def _predicates(doc: Any, phrases: list[Phrase], by_head: dict[int, int], scene:
             scene.mentions[m].post.append(" ".join(words))
 
 
+def _drop_spelled_out_groups(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
+    """"three kids on a bench, a boy ..., a girl ... and a toddler ...": the group is the people listed
+    after it, not more people."""
+    for p in phrases:
+        if p.mention is None or p.cls != "person" or p.count < 2:
+            continue
+        m = scene.mentions[p.mention]
+        sent = doc[p.head].sent
+        later = {q.mention for q in phrases if q.mention not in (None, p.mention) and q.head > p.head
+                 and doc[q.head].sent == sent and q.cls == "person" and q.count == 1}
+        if len(later) >= 2 and (not m.count_explicit or len(later) >= m.count - 1):
+            m.count = 0
+            p.mention = None
+
+
+_DESCRIBING_VERBS = frozenset({"paint", "make", "cover", "dress", "carve", "craft", "color", "colour", "adorn", "drape",
+                               "dust", "sculpt", "mold", "mould", "form", "fashion", "construct",
+                               "decorate", "coat", "dye", "clad", "trim", "wrap", "upholster", "tint", "build",
+                               "forge", "knit", "weave", "stitch", "finish", "glaze", "shade"})
+
+
+def _descriptions(doc: Any, phrases: list[Phrase], scene: Scene) -> None:
+    """"a carriage, painted in deep red", "a dragon made of autumn leaves", "three cows, a mix of white and
+    brown patches": words after the noun that say what it looks like go into its region prompt."""
+    for p in phrases:
+        if p.mention is None or p.skip:
+            continue
+        m = scene.mentions[p.mention]
+        for child in doc[p.head].children:
+            if child.i <= p.head:
+                continue
+            words = None
+            if child.dep_ in ("acl", "relcl") and child.lemma_.lower() in _DESCRIBING_VERBS:
+                words = [t.text for t in child.subtree][:8]
+            elif child.dep_ in ("appos", "amod") and any(t.text.lower() in lx.COLOR_WORDS for t in child.subtree) \
+                    and child.text.lower() not in ("one", "other", "ones", "others") \
+                    and not any(q.mention is not None and q.mention != p.mention and child.i <= q.head <=
+                                max(t.i for t in child.subtree) for q in phrases):
+                words = [t.text for t in child.subtree if t.dep_ != "punct"][:8]
+            if words and len(" ".join(m.post).split()) < 16:
+                text = " ".join(words)
+                if text not in m.post:
+                    m.post.append(text)
+
+
 def _choose_main(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
     """Main subjects: the first thing named, the subjects of the first sentence (and what they are joined
     to by "and"), and the people and animals named first."""
@@ -841,7 +1115,7 @@ def _choose_main(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
         tok = doc[p.head]
         if tok.sent != first_sent:
             continue
-        if tok.dep_ in ("nsubj", "nsubjpass", "ROOT", "dobj", "attr") or \
+        if tok.dep_ in ("nsubj", "nsubjpass", "ROOT", "attr", "appos", "npadvmod") or \
                 (tok.dep_ == "conj" and doc[tok.head.i].dep_ in ("nsubj", "ROOT", "dobj", "pobj", "appos")):
             scene.mentions[p.mention].main = True
     for m in scene.mentions[1:4]:

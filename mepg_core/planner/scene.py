@@ -51,3 +51,4 @@ class Scene:
     scene_words: list[str] = field(default_factory=list)
     known_words: int = 0
     word_count: int = 0
+    stop_words: int = 0        # English function words ("a", "the", "on"): a check that the text is English

@@ -80,7 +80,8 @@ SCENERY = frozenset(lx.SCENE_NOUNS | {
     "cloud", "clouds", "aurora", "bank", "riverbank", "greenery", "foliage", "vegetation", "flooring",
     "setup", "visual", "visuals", "lunch", "dinner", "breakfast", "meal", "accessory", "accessories",
     "beam", "beams", "ray", "rays", "auditorium", "row", "line", "circle", "sunbeam", "spotlight",
-    "lights", "northern lights", "stars", "starry", "galaxy", "nebula",
+    "lights", "northern lights", "stars", "starry", "galaxy", "nebula", "flame", "flames", "fire", "sparks",
+    "embers", "lightning", "rainbow", "sunshine", "spray", "splash", "ripple", "ripples", "puddle",
     "universe", "cosmos", "atmosphere", "ambience", "ambiance", "mood", "air", "breeze", "wind",
     "sunlight", "moonlight", "daylight", "light", "glow", "shadow", "shadows", "silhouette",
     "reflection", "reflections", "hue", "hues", "tone", "tones", "color", "colour", "palette",
@@ -112,6 +113,9 @@ META = frozenset(lx.META_NOUNS | {
     "things", "stuff", "item", "items", "object", "objects", "element", "elements", "piece",
     "presence", "appearance", "shape", "form", "figure", "size", "way", "manner", "moment", "time",
     "touch", "hint", "splash", "dash", "sea of", "air", "use", "hd", "uhd", "8k", "4k", "dslr",
+    "film", "selfie", "vignette", "material", "materials", "layer", "layers", "mark", "marks", "scuff",
+    "scuffs", "wisp", "wisps", "strip", "strips", "doodle", "doodles", "spice", "spices", "powder",
+    "nature", "mound", "spray", "cling", "lie", "pop", "up", "passersby", "mix", "blend",
 })
 # Printed things WordNet files under communication first.
 PRINTED = frozenset({"book", "magazine", "newspaper", "map", "poster", "letter", "card", "postcard",
@@ -141,6 +145,18 @@ def _wordnet() -> dict[str, str]:
     return table
 
 
+@lru_cache(maxsize=1)
+def _not_nouns() -> frozenset[str]:
+    path = os.path.join(os.path.dirname(_DATA), "wordnet_not_nouns.txt")
+    with open(path, encoding="utf-8") as fh:
+        return frozenset(line.strip() for line in fh if line.strip() and not line.startswith("#"))
+
+
+def is_not_noun(word: str) -> bool:
+    """True for a word WordNet knows only as an adjective, verb or adverb ("complete", "sparse")."""
+    return word.lower() in _not_nouns()
+
+
 def wordnet_codes(lemma: str) -> str | None:
     """WordNet lexical-file codes of ``lemma``'s first senses, or None for a word WordNet lacks."""
     return _wordnet().get(lemma.lower())
@@ -149,6 +165,20 @@ def wordnet_codes(lemma: str) -> str | None:
 def is_known_noun(phrase: str) -> bool:
     """True for a noun (or multi-word noun such as "wine glass") WordNet or the lexicon knows."""
     return phrase in _wordnet() or phrase in lx.known_nouns()
+
+
+CLOTHING_ENDINGS = ("dress", "shirt", "coat", "suit", "jacket", "gown", "hat", "cap", "skirt", "pants",
+                    "trousers", "shoes", "shoe", "boots", "boot", "sweater", "hoodie", "jeans", "vest", "robe",
+                    "kimono", "uniform", "scarf", "gloves", "socks", "sneakers", "sandals", "blouse", "apron",
+                    "cloak", "cape", "helmet", "mask", "goggles", "jumper", "cardigan", "tights", "leggings",
+                    "shorts", "overalls", "bonnet", "beanie", "turban", "headband", "necklace", "earrings",
+                    "bracelet", "armor", "armour", "costume", "outfit", "attire", "wear")
+
+
+def is_clothing(word: str) -> bool:
+    """Clothing by its word: "sundress", "raincoat", "tracksuit", "sweatshirt", "top hat"."""
+    w = word.lower()
+    return w.endswith(CLOTHING_ENDINGS) and w not in ("hatch", "capsule", "boot") or w in WORN and w not in PARTS
 
 
 @lru_cache(maxsize=8192)
@@ -170,7 +200,7 @@ def classify(lemma: str) -> str:
     if word in lx.NOUN_SHAPES or word in lx.geneval_object_names() or word in PRINTED:
         return _BOXABLE_CODES.get((codes or "R")[0], "thing")
     if codes is None:
-        return "unknown"
+        return "abstract" if is_not_noun(word) else "unknown"
     first = codes[0]
     if first in _BOXABLE_CODES:
         return _BOXABLE_CODES[first]

@@ -1,7 +1,8 @@
-"""The offline planner's English engine (spaCy reading + composition arranger) and the natural-prompt scorer.
+"""The offline planner's English engine (spaCy reading + composition arranger; the default) and the
+natural-prompt scorer.
 
-Figures asserted here are floors at what the engine measures today (dev 0.754 overall, GenEval 0.990);
-the issue's targets (dev >= 0.93) are not met yet and are reported, not asserted.
+Figures asserted here are floors just under what the engine measures today (dev 0.817 overall, GenEval
+1.0); the issue's targets (dev >= 0.93) are not met yet and are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def test_dev_set_floor_and_better_than_the_rules_engine(dev_items, dev_layouts):
     rules = ns.plan_set(dev_items, "rules")
     rules_overall = sum(ns.score_item(it, lay)["score"] for it, lay in zip(dev_items, rules)) / len(rules)
     print(f"\nnatural dev: english {overall:.4f}, rules {rules_overall:.4f}")
-    assert overall >= 0.74
+    assert overall >= 0.80
     assert overall > rules_overall + 0.15
 
 
@@ -95,7 +96,7 @@ def test_scorer_rules_fail_the_bugs_they_exist_for():
 def test_cli_plans_and_scores_the_shipped_dev_set(capsys):
     assert ns.main(["--plan", "english"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n"] == 150 and summary["overall"] >= 0.74
+    assert summary["n"] == 150 and summary["overall"] >= 0.80
 
 
 @pytest.mark.parametrize("prompt,want", [
