@@ -413,7 +413,9 @@ def _widen_flat_boxes(regions: list[dict[str, Any]], path_prefix: str) -> list[s
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and
                                                                  not isinstance(v, bool) for v in box)):
             continue
-        if any(v > 1 for v in box) and all(0 <= v <= COORD_MAX for v in box):
+        # On the 0..1000 frame (a 0-1 box is rescaled by parse_layout): some coordinate above 1, or integers.
+        on_frame = any(v > 1 for v in box) or all(isinstance(v, int) for v in box)
+        if on_frame and all(0 <= v <= COORD_MAX for v in box):
             fixed = list(box)
             for lo, hi in ((0, 2), (1, 3)):
                 if fixed[lo] == fixed[hi]:

@@ -543,3 +543,6 @@ def test_flat_boxes_are_widened_with_a_warning():
     x1, y1, x2, y2 = result.layout.regions[3].box
     assert (y1, y2) == (180, 920) and x1 < 770 < x2 and x2 - x1 == chain.MIN_BOX_SIDE
     assert any("has no area; widened" in w for w in result.warnings)
+    flat["boxes"][3]["box"] = [1, 1, 1, 1]  # a point at the corner (SmolLM2 writes these)
+    result = plan_with_backend(PROMPT, CallableBackend(Scripted({2: [json.dumps(flat)]})), repair_rounds=0)
+    assert result.path == chain.PATH_CHAIN and result.layout.regions[3].box == (0, 0, 40, 40)
