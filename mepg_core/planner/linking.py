@@ -13,8 +13,6 @@ from typing import Any
 from . import vocabulary
 from .scene import Mention, Scene
 
-_REFERRING = frozenset({"one", "other", "ones", "others"})
-
 
 def _same_thing(label: str, other: str) -> bool:
     if label == other:

@@ -24,7 +24,6 @@ from .scene import Mention, Relation, Scene
 
 _NOUN_POS = ("NOUN", "PROPN")
 _PHRASE_POS = ("DET", "NUM", "ADJ", "NOUN", "PROPN", "ADV")
-_NEGATORS = frozenset({"no", "without", "not", "never", "nor"})
 _DEFINITE = frozenset({"the", "this", "that", "these", "those", "its", "his", "her", "their", "our", "my",
                        "your", "each", "both", "either"})
 _PRONOUN_SUBJECTS = frozenset({"it", "they", "he", "she", "them", "him", "her", "itself", "themselves",
@@ -620,9 +619,6 @@ def _global_style(doc: Any, words: list[str], styles: dict[int, tuple[int, str]]
             continue
         if scene.global_style is None or STYLE_PHRASES.get(scene.global_style) == "photo":
             scene.global_style = style
-    for _m_idx, m in enumerate(scene.mentions):
-        if m.style and scene.global_style and m.style == scene.global_style:
-            continue
     for p in phrases:
         if p.mention is not None and p.style and not scene.mentions[p.mention].style:
             scene.mentions[p.mention].style = p.style
@@ -797,7 +793,7 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                             targets.append(second)
                     _add_relation(rels, scene, kind, subj, tuple(targets), phrases, doc, by_head, i, hits)
             elif kind in ("inside", "on") and k is not None:
-                _scenery_place(scene, phrases[k], _subject_of(tok, doc, phrases, by_head, i, set()), kind)
+                _scenery_place(scene, phrases[k], _subject_of(tok, doc, phrases, by_head, i, set()))
             elif kind == "between" and words[i:i + 3] in (["in", "the", "middle"], ["in", "the", "center"],
                                                            ["in", "the", "centre"], ["at", "the", "center"]):
                 subj = _subject_of(tok, doc, phrases, by_head, i, set())   # "in the middle of the ballroom"
@@ -1025,7 +1021,7 @@ def _set_place(m: Mention, axis: str, value: int) -> None:
             _set_place(m, a, v)
 
 
-def _scenery_place(scene: Scene, p: Phrase, subj: int | None, kind: str) -> None:
+def _scenery_place(scene: Scene, p: Phrase, subj: int | None) -> None:
     """"in the sky": high; "on the beach", "in the grass": on the ground."""
     if subj is None:
         return
@@ -1133,6 +1129,3 @@ def _dedupe(rels: list[Relation]) -> list[Relation]:
         seen.add(key)
         out.append(r)
     return out
-
-
-_WS = re.compile(r"\s+")
