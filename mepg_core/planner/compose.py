@@ -397,6 +397,8 @@ def _prominent(groups: dict[int, Group]) -> None:
     few = len(groups) <= 6
     first = min(groups) if groups else 0
     for g in sorted(groups.values(), key=lambda g: _depth(groups, g)):   # supports before what rests on them
+        if g.boxes and g.how not in ("on", "inside"):
+            _grow_stage(groups, g.mention.index, first, few)
         if not g.boxes or g.how == "inside":
             continue   # a contained thing must stay in its container
         want = _min_area(g, first, few)
@@ -423,6 +425,41 @@ def _prominent(groups: dict[int, Group]) -> None:
             kid = groups[c]
             dy = nu[1] - u[1] if kid.how == "on" else ((nu[1] + nu[3]) - (u[1] + u[3])) / 2
             _shift_boxes(_subtree(groups, c), ((nu[0] + nu[2]) - (u[0] + u[2])) / 2, dy)
+
+
+def _staged(groups: dict[int, Group], i: int) -> list[int]:
+    """The groups resting on or inside group ``i``, at any depth."""
+    out = []
+    for c in groups[i].children:
+        if groups[c].how in ("on", "inside"):
+            out += [c, *_staged(groups, c)]
+    return out
+
+
+def _grow_stage(groups: dict[int, Group], i: int, first: int, few: bool) -> None:
+    """Main things resting on a support or inside a container ("three eggplants on a table", "butterflies
+    atop a tangerine") too small to be seen: the support and everything on it grow together about the
+    support's base, so every on / inside relation holds as before."""
+    need = 1.0
+    for c in _staged(groups, i):
+        kid = groups[c]
+        if kid.mention.main and kid.boxes:
+            big = max((b[2] - b[0]) * (b[3] - b[1]) for b in kid.boxes)
+            need = max(need, (_min_area(kid, first, few) / max(big, 1.0)) ** 0.5)
+    if need <= 1.0:
+        return
+    stage = [groups[i].boxes, *[groups[c].boxes for c in _staged(groups, i)]]
+    u = _union([b for bs in stage for b in bs])
+    base = _union(groups[i].boxes)
+    cx, cy = (base[0] + base[2]) / 2, base[3]
+    f = min(need, 2.5, (FRAME - 2 * EDGE) / max(1.0, u[2] - u[0]), (FRAME - 2 * EDGE) / max(1.0, u[3] - u[1]))
+    if f <= 1.0:
+        return
+    for bs in stage:
+        for b in bs:
+            b[:] = [cx + (b[0] - cx) * f, cy + (b[1] - cy) * f, cx + (b[2] - cx) * f, cy + (b[3] - cy) * f]
+    everything = [b for bs in stage for b in bs]
+    _shift_boxes(everything, 0.0, 0.0)   # back inside the canvas
 
 
 def _int_box(b: list[float]) -> tuple[int, int, int, int]:

@@ -133,7 +133,18 @@ def _verb_read_as_noun(doc: Any, i: int) -> bool:
     before_verb_context = nxt is None or nxt.pos_ in ("ADP", "ADV", "DET", "PUNCT", "PART", "SCONJ", "PRON")
     if low in lx.VERBS_3RD or low in _VERBS_AFTER_NOUNS:
         return before_verb_context and doc[i - 1].pos_ in (*_NOUN_POS, "ADJ")
+    if tok.tag_ == "NNS" and low.endswith("s") and not low.endswith("ss") and before_verb_context and \
+            doc[i - 1].tag_ == "NN" and _singular_article_before(doc, i):
+        return True   # "a majestic white swan glides across": "a" never heads a plural
     return False
+
+
+def _singular_article_before(doc: Any, i: int) -> bool:
+    """Whether "a" / "an" opens the run of modifiers and nouns that ends at word ``i``."""
+    j = i - 1
+    while j >= 0 and doc[j].pos_ in ("NOUN", "PROPN", "ADJ", "ADV", "NUM") and i - j < 6:
+        j -= 1
+    return j >= 0 and doc[j].text.lower() in ("a", "an")
 
 
 # Present-tense verbs the small model reads as plural nouns after a noun ("a crab clings tightly").
@@ -167,6 +178,9 @@ def _known_noun_mistagged(doc: Any, i: int) -> bool:
     if tok.pos_ == "VERB" and (tok.tag_ != "VB" or not (prev is None or prev.text in (",", ";", "(", ".")
                                                         or prev.pos_ == "DET")):
         return False   # an inflected verb is a verb
+    if tok.pos_ == "ADJ" and vocabulary.classify(sing) in ("person", "animal") and prev is not None and \
+            prev.pos_ in ("DET", "ADJ", "NUM") and i + 1 < len(doc) and doc[i + 1].text.lower().endswith("ing"):
+        return True    # "a hummingbird drinking from a flower"
     living = vocabulary.classify(sing) in ("person", "animal") and tok.pos_ == "ADV"
     if low not in lx.known_nouns() and sing not in lx.known_nouns() and not living:
         return False
@@ -455,6 +469,7 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
         tok = doc[p.head]
         if p.cls not in ("person", "animal") and tok.head.text.lower() in ("of", "in", "with") and \
                 _verb_lemma(tok.head.head, _DESCRIBING_VERBS) in _DESCRIBING_VERBS and \
+                not tok.head.head.text.lower().endswith("ing") and \
                 tok.head.head.dep_ in ("acl", "relcl", "amod", "advcl") and tok.head.head.i > 0:
             p.skip = True   # "a bed covered in white linen", "a dragon made of autumn leaves": its looks
             continue
@@ -469,19 +484,23 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
         if owner is None and p.cls not in ("worn", "part") and p.cls in vocabulary.BOXABLE and \
                 p.cls not in ("person", "animal") and _possessor(tok, phrases, by_head, any_kind=True) is not None:
             owner = _possessor(tok, phrases, by_head, any_kind=True)
+            if phrases[owner].cls in ("person", "animal") and not vocabulary.is_clothing(p.label):
+                owner = None   # "a child's bed", "her umbrella": a thing of its own
         if owner is None and p.cls == "worn" and _standalone_chunk(doc, tok):
-            before = [j for j in range(k - 1, -1, -1)
-                      if phrases[j].cls in ("person", "animal") and not phrases[j].skip]
-            if before and p.head - phrases[before[0]].head < 40:
-                owner = before[0]
-            else:   # tags may name the clothing first: "(red hat:1.3), 1girl"
+            owner = _wearer_before(phrases, k)
+            if owner is None:   # tags may name the clothing first: "(red hat:1.3), 1girl"
                 after = [j for j in range(k + 1, len(phrases))
                          if phrases[j].cls in ("person", "animal") and not phrases[j].skip]
                 if after and phrases[after[0]].head - p.head < 12:
                     owner = after[0]
         if owner is not None:
-            while phrases[owner].owner is not None and phrases[owner].cls in ("worn", "part"):
+            seen = {k}   # ownership chains end at a wearer; a cycle ("a beard wearing a raincoat") is cut
+            while owner not in seen and phrases[owner].owner is not None and phrases[owner].cls in ("worn", "part"):
+                seen.add(owner)
                 owner = phrases[owner].owner
+            if owner in seen:
+                owner = _wearer_before(phrases, k)
+        if owner is not None:
             p.owner = owner
             p.cls = "worn"
         elif p.cls in ("worn", "part"):
@@ -489,6 +508,12 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
             subject = tok.dep_ in ("ROOT", "nsubj", "nsubjpass") or p.count_explicit
             part_only = p.cls == "part" and p.label not in lx.NOUN_SHAPES
             p.cls = "abstract" if (body or part_only) and not subject else "thing"
+
+
+def _wearer_before(phrases: list[Phrase], k: int) -> int | None:
+    """The nearest person or animal read before phrase ``k`` (within 40 tokens), or None."""
+    before = [j for j in range(k - 1, -1, -1) if phrases[j].cls in ("person", "animal") and not phrases[j].skip]
+    return before[0] if before and phrases[k].head - phrases[before[0]].head < 40 else None
 
 
 def _standalone_chunk(doc: Any, tok: Any) -> bool:
@@ -768,14 +793,18 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
         hit = match_relation(words, i) if tok.pos_ != "PUNCT" else None
         if hit is not None:
             kind, end = hit
-            if end < n and words[end] in ("it", "them", "him", "her", "itself", "themselves"):
+            if end < n and words[end] in ("it", "them", "him", "her", "itself", "themselves") and \
+                    doc[end].dep_ != "poss":   # "on her lap" is the lap's
                 # "a coffee table in front of it": the pronoun's thing
                 subj = _subject_of(tok, doc, phrases, by_head, i, set())
-                target = linking.last_mention_before(phrases, i, {subj} if subj is not None else set())
+                target = _pronoun_target(doc, phrases, i, subj)
                 if subj is not None and target is not None and subj != target:
                     _add_relation(rels, scene, kind, subj, (target,), phrases, doc, by_head, i, hits)
                 i = end + 1
                 continue
+            if kind == "on" and i > 0 and doc[i - 1].pos_ == "VERB" and \
+                    _verb_lemma(doc[i - 1], _GRIP_VERBS) in _GRIP_VERBS:
+                kind = "holding"   # "a puppy chewing on a frisbee", "tugging on a rope"
             k, target = _target_after(doc, phrases, end)
             if target is not None and kind in ("beside", "above", "inside") and words[i] not in ("under", "below",
                                                                                             "beneath"):
@@ -783,6 +812,9 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
                 if via or (words[i] in ("across", "along", "over", "atop") and _is_surface(
                         scene.mentions[target].label)):
                     kind = "on"   # "strewn across the surface of a table"
+            if target is None and k is not None and kind in _BACKDROP_RELATIONS and \
+                    phrases[k].label in vocabulary.BACKDROPS and not phrases[k].negated:
+                target = _backdrop_mention(doc, phrases[k], scene)   # "a dragon above the village"
             if target is not None:
                 subj = _subject_of(tok, doc, phrases, by_head, i, {target})
                 if subj is not None and subj != target:
@@ -806,6 +838,34 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
             _verb_relation(tok, doc, phrases, by_head, rels, scene)
         i += 1
     scene.relations = _dedupe(rels)
+
+
+_BACKDROP_RELATIONS = frozenset({"above", "below", "behind", "front", "beside", "left", "right"})
+
+
+def _backdrop_mention(doc: Any, p: Phrase, scene: Scene) -> int:
+    """Scenery a thing is placed against ("a spaceship above the city") becomes a background region so the
+    relation can be drawn."""
+    if p.mention is None:
+        p.mention = len(scene.mentions)
+        scene.mentions.append(Mention(index=p.mention, label=p.label.lower(), count=1, count_explicit=False,
+                                      modifiers=list(p.modifiers), head_text=doc[p.head].text, depth=0,
+                                      determiner="the" if doc[p.start].text.lower() == "the" else ""))
+    return p.mention
+
+
+def _pronoun_target(doc: Any, phrases: list[Phrase], i: int, subj: int | None) -> int | None:
+    """What "it" / "them" at word ``i`` refers to: the sentence's grammatical subject named before it (not
+    the relation's own subject), else the nearest mention before it."""
+    exclude = {subj} if subj is not None else set()
+    start = doc[i].sent.start
+    for p in phrases:
+        if p.head >= i:
+            break
+        if p.head >= start and p.mention is not None and p.mention not in exclude and \
+                doc[p.head].dep_ in ("ROOT", "nsubj", "nsubjpass"):
+            return p.mention
+    return linking.last_mention_before(phrases, i, exclude)
 
 
 def _holder_of(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> int | None:
@@ -862,6 +922,13 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
     if kind == "contains":
         rels.append(Relation("inside", targets[0], (subj,)))
         return
+    if kind == "between" and len(targets) == 1:
+        # "at the center of a rustic table", "in the middle of the pond": on or in it, centred
+        host = scene.mentions[targets[0]]
+        _set_place(scene.mentions[subj], "c", 1)
+        if not (_is_surface(host.label) or host.label in lx.CONTAINER_NOUNS):
+            return
+        kind = "on" if _is_surface(host.label) else "inside"
     if kind == "surrounded":
         rels.append(Relation("around", targets[0], (subj,)))
         return
@@ -902,19 +969,23 @@ def _phrase_head_of(phrases: list[Phrase], mention: int) -> int:
 
 def _conj_subjects(subj: int, phrases: list[Phrase], doc: Any, by_head: dict[int, int]) -> list[int]:
     """"a cat and a dog on a sofa": the dog shares the cat's relation (and the cat the dog's)."""
-    out = []
+    out: list[int] = []
     heads = [p for p in phrases if p.mention == subj]
-    for p in heads[:1]:
-        tok = doc[p.head]
+    if not heads:
+        return out
+    top = doc[heads[0].head]
+    while top.dep_ == "conj" and top.head.i != top.i:   # "an apple, a pear and a lemon": the whole list
+        top = top.head
+    todo, seen = [top], {heads[0].head}
+    while todo:
+        tok = todo.pop()
+        m = _mention_of_token(tok, phrases, by_head)
+        if m is not None and m != subj and m not in out:
+            out.append(m)
         for c in tok.children:
-            if c.dep_ == "conj":
-                m = _mention_of_token(c, phrases, by_head)
-                if m is not None and m != subj:
-                    out.append(m)
-        if tok.dep_ == "conj":
-            m = _mention_of_token(tok.head, phrases, by_head)
-            if m is not None and m != subj:
-                out.append(m)
+            if c.dep_ == "conj" and c.i not in seen and len(seen) < 12:
+                seen.add(c.i)
+                todo.append(c)
     return out
 
 
@@ -961,6 +1032,8 @@ def _verb_relation(verb: Any, doc: Any, phrases: list[Phrase], by_head: dict[int
         rels.append(Relation("beside", subj, (target,), explicit=False))
 
 
+_GRIP_VERBS = frozenset({"chew", "nibble", "munch", "gnaw", "tug", "pull", "suck", "bite", "hang", "cling",
+                         "grip", "hold", "tap", "pluck", "strum", "knock", "pound"})
 _SUPPORT_VERBS = frozenset({"feature", "host", "support", "display", "bear", "hold", "carry", "showcase",
                             "contain", "have", "boast", "present", "house", "cradle"})
 # Verbs whose object is seen or met, not handled.
@@ -1117,6 +1190,13 @@ def _choose_main(doc: Any, scene: Scene, phrases: list[Phrase]) -> None:
     for m in scene.mentions[1:4]:
         if m.kind in ("person", "animal"):
             m.main = True
+    for r in scene.relations:
+        # "a round table supports six baozi", "on a wooden table, three eggplants": what the main support
+        # holds is what the picture is about
+        host = scene.mentions[r.targets[0]] if r.targets else None
+        if r.kind in ("on", "inside") and r.explicit and host is not None and host.main and (
+                _is_surface(host.label) or host.label in lx.CONTAINER_NOUNS):
+            scene.mentions[r.subject].main = True
 
 
 def _dedupe(rels: list[Relation]) -> list[Relation]:

@@ -74,7 +74,7 @@ SCENERY = frozenset(lx.SCENE_NOUNS | {
     "meadow", "grassland", "cityscape", "skyline", "backdrop", "terrain",
     "dune", "dunes", "glacier", "ridge", "peaks", "slope", "slopes", "waves", "wave", "tide",
     "horizon", "scene", "setting", "surroundings", "landscape", "view", "vista", "panorama", "space",
-    "windowsill", "sill", "countertop", "tabletop", "floorboards", "tiles", "wallpaper",
+    "floorboards", "tiles", "wallpaper",
     "curtain", "curtains", "interior", "exterior", "backyard", "pavement", "cobblestones", "lawn",
     "grass", "snow", "water", "sand", "ice", "mud", "rain", "fog", "mist", "haze", "smoke", "steam",
     "cloud", "clouds", "aurora", "bank", "riverbank", "greenery", "foliage", "vegetation", "flooring",
@@ -97,6 +97,12 @@ SCENERY = frozenset(lx.SCENE_NOUNS | {
     "library", "hallway", "corridor", "lobby", "cafe", "restaurant", "bar", "shop", "store",
     "bakery", "workshop", "laboratory", "lab", "attic", "basement", "cellar", "garage", "stage",
     "arena", "stadium", "gym", "church", "cathedral", "temple", "palace", "hall", "chamber",
+})
+# Scenery that a thing can stand in front of, fly above or sit beside: boxed (as background) only then.
+BACKDROPS = frozenset({
+    "city", "village", "town", "skyline", "cityscape", "metropolis", "waterfall", "mountain", "mountains",
+    "hill", "volcano", "forest", "woods", "pier", "dock", "harbor", "harbour",
+    "canyon", "cliff", "castle", "ruins", "temple", "palace", "cathedral", "church", "stage", "fireplace",
 })
 # Words about the picture or the prompt, not things in it.
 META = frozenset(lx.META_NOUNS | {
@@ -198,7 +204,7 @@ def classify(lemma: str) -> str:
     if word in lx.PEOPLE_NOUNS:
         return "person"
     if word in lx.NOUN_SHAPES or word in lx.geneval_object_names() or word in PRINTED:
-        return _BOXABLE_CODES.get((codes or "R")[0], "thing")
+        return next((_BOXABLE_CODES[c] for c in (codes or "R") if c in _BOXABLE_CODES), "thing")
     if codes is None:
         return "abstract" if is_not_noun(word) else "unknown"
     first = codes[0]
