@@ -133,10 +133,14 @@ def _verb_read_as_noun(doc: Any, i: int) -> bool:
     before_verb_context = nxt is None or nxt.pos_ in ("ADP", "ADV", "DET", "PUNCT", "PART", "SCONJ", "PRON")
     if low in lx.VERBS_3RD or low in _VERBS_AFTER_NOUNS:
         return before_verb_context and doc[i - 1].pos_ in (*_NOUN_POS, "ADJ")
-    if tok.tag_ == "NNS" and low.endswith("s") and not low.endswith("ss") and before_verb_context and \
-            doc[i - 1].tag_ == "NN" and _singular_article_before(doc, i):
+    if tok.tag_ == "NNS" and low.endswith("s") and not low.endswith("ss") and nxt is not None and \
+            before_verb_context and doc[i - 1].tag_ == "NN" and doc[i - 1].text.lower() not in _QUANTITY_NOUNS \
+            and _singular_article_before(doc, i):
         return True   # "a majestic white swan glides across": "a" never heads a plural
     return False
+
+
+_QUANTITY_NOUNS = frozenset({"dozen", "couple", "few", "lot", "hundred", "thousand", "score", "handful", "pair"})
 
 
 def _singular_article_before(doc: Any, i: int) -> bool:
@@ -922,7 +926,8 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
     if kind == "contains":
         rels.append(Relation("inside", targets[0], (subj,)))
         return
-    if kind == "between" and len(targets) == 1:
+    if kind == "between" and len(targets) == 1 and 0 <= at < len(doc) - 2 and \
+            doc[at + 2].text.lower() in ("middle", "center", "centre"):
         # "at the center of a rustic table", "in the middle of the pond": on or in it, centred
         host = scene.mentions[targets[0]]
         _set_place(scene.mentions[subj], "c", 1)
