@@ -59,8 +59,11 @@ class Group:
 def compose(mentions: list[Mention], relations: list[Relation], width: int, height: int,
             rng: random.Random | None = None) -> dict[int, list[tuple[int, int, int, int]]]:
     """Boxes for every instance of every mention: ``{mention index: [box, ...]}`` in layout units."""
-    if any(r.kind in ("between", "around") for r in relations):
-        return grid_arrange(mentions, relations, width, height, rng)
+    counts = {m.index: m.count for m in mentions}
+    if any(r.kind == "around" or r.kind == "between" and len(set(r.targets)) == 1 and counts.get(r.targets[0]) == 2
+           for r in relations):
+        return grid_arrange(mentions, relations, width, height, rng)   # "a vase between two candles"
+    relations = _between_as_a_row(relations)
     groups = {m.index: Group(m, 0.0, 0.0) for m in mentions if m.count > 0}
     _link(groups, relations)
     _size(groups, width, height, rng)
@@ -97,6 +100,21 @@ def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
             continue
         groups[child].parent, groups[child].how = parent, how
         groups[parent].children.append(child)
+
+
+def _between_as_a_row(relations: list[Relation]) -> list[Relation]:
+    """"X between A and B": X right of A, and B right of X; between one thing (vague: "between the
+    buildings", "between them") reads as beside it."""
+    out = []
+    for r in relations:
+        if r.kind != "between":
+            out.append(r)
+        elif len(set(r.targets)) >= 2:
+            a, b = r.targets[0], r.targets[1]
+            out += [Relation("right", r.subject, (a,), r.explicit), Relation("right", b, (r.subject,), r.explicit)]
+        elif r.targets:
+            out.append(Relation("beside", r.subject, (r.targets[0],), False))
+    return out
 
 
 def _is_ancestor(groups: dict[int, Group], node: int, of: int) -> bool:
@@ -436,6 +454,13 @@ def _staged(groups: dict[int, Group], i: int) -> list[int]:
     return out
 
 
+def _descendants(groups: dict[int, Group], i: int) -> list[int]:
+    out = []
+    for c in groups[i].children:
+        out += [c, *_descendants(groups, c)]
+    return out
+
+
 def _grow_stage(groups: dict[int, Group], i: int, first: int, few: bool) -> None:
     """Main things resting on a support or inside a container ("three eggplants on a table", "butterflies
     atop a tangerine") too small to be seen: the support and everything on it grow together about the
@@ -448,7 +473,7 @@ def _grow_stage(groups: dict[int, Group], i: int, first: int, few: bool) -> None
             need = max(need, (_min_area(kid, first, few) / max(big, 1.0)) ** 0.5)
     if need <= 1.0:
         return
-    stage = [groups[i].boxes, *[groups[c].boxes for c in _staged(groups, i)]]
+    stage = [groups[i].boxes, *[groups[c].boxes for c in _descendants(groups, i)]]
     u = _union([b for bs in stage for b in bs])
     base = _union(groups[i].boxes)
     cx, cy = (base[0] + base[2]) / 2, base[3]

@@ -485,6 +485,10 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
             wearer = _syntactic_owner(tok, phrases, by_head)   # "a girl in a white sundress"
             if wearer is not None and phrases[wearer].cls in ("person", "animal", "worn"):
                 owner = wearer
+            elif doc[p.start - 1].text.lower() in ("in", "wearing") if p.start > 0 else False:
+                near = _wearer_before(phrases, k)   # the parse hung "in a white dress" on "painting of"
+                if near is not None and p.head - phrases[near].head <= 6:
+                    owner = near
         if owner is None and p.cls not in ("worn", "part") and p.cls in vocabulary.BOXABLE and \
                 p.cls not in ("person", "animal") and _possessor(tok, phrases, by_head, any_kind=True) is not None:
             owner = _possessor(tok, phrases, by_head, any_kind=True)
@@ -1021,6 +1025,12 @@ def _verb_relation(verb: Any, doc: Any, phrases: list[Phrase], by_head: dict[int
             subj = _mention_of_token(verb.head, phrases, by_head)
     if target is None or subj is None or subj == target:
         return
+    if scene.mentions[subj].kind not in ("person", "animal") and verb.dep_ == "acl" and \
+            verb.head.dep_ == "pobj" and verb.head.head.dep_ == "prep":
+        # "the knight on the left cliff holding a sword": the one on the cliff holds it
+        rider = _mention_of_token(verb.head.head.head, phrases, by_head)
+        if rider is not None and rider != target and scene.mentions[rider].kind in ("person", "animal"):
+            subj = rider
     holder, thing = scene.mentions[subj], scene.mentions[target]
     if holder.kind not in ("person", "animal") and lemma in HOLD_VERBS | _SUPPORT_VERBS:
         # "the nightstand holds a lamp", "its surface hosting a kettle": resting on or inside it
