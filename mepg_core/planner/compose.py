@@ -136,13 +136,13 @@ def _size(groups: dict[int, Group], width: int, height: int, rng: random.Random 
     long_max = {1: 640.0, 2: 520.0, 3: 420.0}.get(len(roots), 360.0)
     vis = {}
     for i, g in groups.items():
-        size, _ = lx.noun_shape(g.mention.label)
+        size, _ = lx.noun_shape(g.mention.label, g.mention.kind)
         depth = {0: 0.6, 2: 1.15}.get(g.mention.depth, 1.0)
         vis[i] = (size ** SIZE_EXPONENT) * g.mention.size_mult * depth
     top = max(vis.values(), default=1.0)   # the biggest thing sets the scale, wherever it hangs in the tree
     for i, g in groups.items():
         m = g.mention
-        _, aspect = lx.noun_shape(m.label)
+        _, aspect = lx.noun_shape(m.label, m.kind)
         aspect = aspect * height / width   # layout units stretch with the canvas
         long = max(MIN_LONG, long_max * min(1.0, vis[i] / top))
         if m.main:
@@ -415,7 +415,7 @@ def _prominent(groups: dict[int, Group]) -> None:
     few = len(groups) <= 6
     first = min(groups) if groups else 0
     for g in sorted(groups.values(), key=lambda g: _depth(groups, g)):   # supports before what rests on them
-        if g.boxes and g.how not in ("on", "inside"):
+        if g.boxes and g.how != "inside":
             _grow_stage(groups, g.mention.index, first, few)
         if not g.boxes or g.how == "inside":
             continue   # a contained thing must stay in its container

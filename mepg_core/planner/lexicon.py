@@ -91,6 +91,13 @@ mobile phone 0.15 0.55; remote control 0.2 0.35; hair dryer 0.25 1.0; sports car
 guinea pig 0.25 1.5; polar bear 2.4 1.4; sea lion 2.2 2.0; teddy 0.4 0.8; fridge 1.8 0.5;
 motorbike 2.0 1.5; aeroplane 30 2.2; plane 30 2.2; jet 30 2.2; keyboard 0.45 3.0; cellphone 0.15 0.55;
 nest 0.3 1.5; cage 0.6 0.8; aquarium 1.0 1.5; bowl 0.2 1.8; cutting board 0.4 1.6; board 0.6 1.5;
+pen 0.15 0.25; pencil 0.18 0.2; brush 0.2 0.3; folder 0.3 1.3; briefcase 0.45 1.3; wallet 0.1 1.4;
+notebook 0.25 0.8; envelope 0.22 1.5; ruler 0.3 4.0; tape measure 0.1 1.2; vespa 1.8 1.4;
+candlestick 0.3 0.4; tray 0.45 1.8; napkin 0.3 1.3; saucer 0.15 2.5;
+platter 0.45 1.8; chopsticks 0.24 0.3; spatula 0.3 0.4; wok 0.35 1.8; blender 0.4 0.6; rover 3.0 1.5;
+typewriter 0.45 1.6; easel 1.7 0.7; log 2.0 3.0; stump 0.6 1.3; pillar 4.0 0.25;
+column 4.0 0.25; post 1.2 0.2; fence post 1.2 0.2;
+rocking chair 1.0 0.8; fireplace 1.4 1.2; bathtub 1.6 2.2; tub 1.5 2.0;
 """
 
 
@@ -232,12 +239,18 @@ def compound_nouns() -> dict[str, tuple[str, ...]]:
     return {k: tuple(sorted(v, key=lambda s: (-len(s.split()), s))) for k, v in index.items()}
 
 
-def noun_shape(label: str) -> tuple[float, float]:
-    """(typical size in metres, aspect width/height) for a label; the head word decides unknown compounds."""
+# Sizes of things the table lacks, by their WordNet class (the median of the table's entries of that class).
+KIND_SHAPES = {"person": (1.7, 0.45), "animal": (0.6, 1.3), "food": (0.12, 1.1), "plant": (0.6, 0.7),
+               "thing": (0.5, 1.0)}
+
+
+def noun_shape(label: str, kind: str | None = None) -> tuple[float, float]:
+    """(typical size in metres, aspect width/height) for a label; the head word decides unknown compounds,
+    the noun's class (``kind``) anything else."""
     shape = NOUN_SHAPES.get(label)
     if shape is None:
         shape = NOUN_SHAPES.get(label.split()[-1]) if label else None
-    return shape or DEFAULT_SHAPE
+    return shape or KIND_SHAPES.get(kind or "", DEFAULT_SHAPE)
 
 
 # --------------------------------------------------------------------------------------------------
