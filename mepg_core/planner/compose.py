@@ -91,15 +91,26 @@ def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
         how = r.kind
         if r.kind == "holding":
             child, parent = r.targets[0], r.subject
-        if child not in groups or parent not in groups or child == parent or groups[child].parent is not None:
+        if child not in groups or parent not in groups or child == parent:
             continue
-        if _is_ancestor(groups, child, parent):
+        free = groups[parent].mention
+        if groups[child].parent is not None and how in _MIRROR and groups[parent].parent is None and \
+                free.hint_x is None and free.hint_y is None and free.depth is None and not free.main and \
+                not _is_ancestor(groups, parent, child):
+            # "a laptop on a table next to a mug": the laptop already rests on the table, so the mug
+            # hangs from the laptop instead, on the mirrored side
+            child, parent, how = parent, child, _MIRROR[how]
+        if groups[child].parent is not None or _is_ancestor(groups, child, parent):
             continue
         cm, pm = groups[child].mention, groups[parent].mention
         if how in ("beside", "left", "right") and (cm.hint_x is not None and pm.hint_x is not None):
             continue
         groups[child].parent, groups[child].how = parent, how
         groups[parent].children.append(child)
+
+
+_MIRROR = {"left": "right", "right": "left", "beside": "beside", "above": "below", "below": "above",
+           "front": "behind", "behind": "front"}
 
 
 def _between_as_a_row(relations: list[Relation]) -> list[Relation]:

@@ -922,8 +922,11 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
         holder, content = scene.mentions[subj], scene.mentions[target]
         if holder.label in lx.CONTAINER_NOUNS and content.kind in ("food", "plant", "thing", "animal"):
             rels.append(Relation("inside", target, (subj,), explicit=False))
-        elif _is_surface(holder.label):
-            rels.append(Relation("on", target, (subj,), explicit=False))
+        elif _is_surface(holder.label) or holder.label.split()[-1] in _LANDS:
+            rels.append(Relation("on", target, (subj,), explicit=False))   # "an island with a palm tree"
+        elif holder.kind == "person" and content.kind in ("thing", "food") and \
+                lx.noun_shape(content.label, content.kind)[0] <= 1.2 and not vocabulary.is_clothing(content.label):
+            rels.append(Relation("holding", subj, (target,), explicit=False))   # "a man with a telescope"
         else:
             rels.append(Relation("beside", subj, (target,), explicit=False))
         return
@@ -957,6 +960,8 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
             rels.append(Relation(kind, s, targets))
 
 
+_LANDS = frozenset({"island", "islet", "hill", "hilltop", "cliff", "rock", "boulder", "mountain", "mound", "dune",
+                    "log", "stump", "iceberg", "raft"})
 _TOP_WORDS = frozenset({"surface", "top", "tabletop", "countertop", "face", "lid", "seat", "back", "deck"})
 _SURFACES = frozenset({"table", "dining table", "desk", "shelf", "bed", "couch", "sofa", "tray", "plate",
                        "counter", "coffee table", "nightstand", "stool", "bench", "board", "cutting board",
