@@ -82,8 +82,13 @@ def compose(mentions: list[Mention], relations: list[Relation], width: int, heig
 
 
 def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
-    ordered = sorted(relations, key=lambda r: (not r.explicit, _PARENT_KINDS.index(r.kind)
-                                               if r.kind in _PARENT_KINDS else 99))
+    # explicit before implied; for one thing its first stated support or container ("oranges in a bowl at
+    # the centre of a table" rest in the bowl), then the other kinds in their order
+    ordered = sorted(enumerate(relations), key=lambda ir: (not ir[1].explicit, 0 if ir[1].kind in ("on", "inside")
+                                                           else 1, ir[0] if ir[1].kind in ("on", "inside") else
+                                                           _PARENT_KINDS.index(ir[1].kind)
+                                                           if ir[1].kind in _PARENT_KINDS else 99))
+    ordered = [r for _, r in ordered]
     for r in ordered:
         if r.kind not in _PARENT_KINDS or not r.targets:
             continue

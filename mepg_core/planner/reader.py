@@ -730,6 +730,10 @@ def _target_after(doc: Any, phrases: list[Phrase], j: int, limit: int = 6) -> tu
                                                              for x in range(j, p.start)):
             if p.mention is None and p.owner is not None:
                 return k, phrases[p.owner].mention
+            if p.mention is None and p.definite and p.label in _RIM_WORDS:
+                for q in reversed(phrases[:k]):   # "a spoon resting on the rim": the bowl's rim
+                    if q.mention is not None and (q.label in lx.CONTAINER_NOUNS or _is_surface(q.label)):
+                        return k, q.mention
             if p.mention is None and p.head + 1 < len(doc) and doc[p.head + 1].text.lower() == "of":
                 # "upon the polished surface of an oak desk", "on the back of the sofa"
                 for q in phrases[k + 1:k + 3]:
@@ -845,7 +849,38 @@ def _relations(doc: Any, words: list[str], phrases: list[Phrase], by_head: dict[
         if tok.pos_ == "VERB":
             _verb_relation(tok, doc, phrases, by_head, rels, scene)
         i += 1
+    rels += _listed_contents(doc, phrases, scene, rels)
     scene.relations = _dedupe(rels)
+
+
+def _listed_contents(doc: Any, phrases: list[Phrase], scene: Scene, rels: list[Relation]) -> list[Relation]:
+    """"a bowl of fruit on a counter: 3 bananas, 2 apples", "a wooden table set for two, two plates, two
+    wine glasses": things listed after a container or a table, with no place of their own, are in it or on
+    it (implicit relations)."""
+    placed = {r.subject for r in rels if r.explicit} | {r.targets[0] for r in rels if r.kind == "holding" and r.targets}
+    out: list[Relation] = []
+    for sent in doc.sents:
+        ms = [(p.head, p.mention) for p in phrases if p.mention is not None and sent.start <= p.head < sent.end]
+        if len(ms) < 2:
+            continue
+        first_head, holder_i = ms[0]
+        holder = scene.mentions[holder_i]
+        container = holder.label in lx.CONTAINER_NOUNS and not _is_surface(holder.label)
+        if not (container or _is_surface(holder.label)):
+            continue
+        colon = next((t.i for t in sent if t.text == ":" and t.i > first_head), None)
+        hsize = lx.noun_shape(holder.label, holder.kind)[0]
+        for head, m in ms[1:]:
+            thing = scene.mentions[m]
+            if m == holder_i or m in placed or thing.kind in ("person", "animal") or \
+                    lx.noun_shape(thing.label, thing.kind)[0] > 2 * hsize:
+                continue
+            after_colon = colon is not None and head > colon
+            listed = doc[head].dep_ in ("appos", "conj", "ROOT", "npadvmod", "dobj") and head - first_head < 40
+            if after_colon or (not container and listed):
+                out.append(Relation("inside" if container and after_colon else "on", m, (holder_i,), explicit=False))
+                placed.add(m)
+    return out
 
 
 _BACKDROP_RELATIONS = frozenset({"above", "below", "behind", "front", "beside", "left", "right"})
@@ -960,6 +995,7 @@ def _add_relation(rels: list[Relation], scene: Scene, kind: str, subj: int, targ
             rels.append(Relation(kind, s, targets))
 
 
+_RIM_WORDS = frozenset({"rim", "edge", "lid", "top", "side", "handle", "brim", "lip", "corner", "ledge"})
 _LANDS = frozenset({"island", "islet", "hill", "hilltop", "cliff", "rock", "boulder", "mountain", "mound", "dune",
                     "log", "stump", "iceberg", "raft"})
 _TOP_WORDS = frozenset({"surface", "top", "tabletop", "countertop", "face", "lid", "seat", "back", "deck"})
