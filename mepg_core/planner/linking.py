@@ -21,7 +21,15 @@ def _same_thing(label: str, other: str) -> bool:
     if a == b:
         return True
     # "the tub" for the bathtub, "the truck" for the pickup truck
-    return (len(a) >= 3 and b.endswith(a)) or (len(b) >= 3 and a.endswith(b) and " " not in label)
+    return (len(a) >= 3 and b.endswith(a) and _compound_of(b, a)) or \
+        (len(b) >= 3 and a.endswith(b) and " " not in label and _compound_of(a, b))
+
+
+def _compound_of(word: str, head: str) -> bool:
+    """Whether ``word`` is ``head`` with a noun before it ("bath" + "tub"), not a word that merely ends
+    like it ("wo" + "man")."""
+    front = word[:-len(head)]
+    return len(front) >= 3 and vocabulary.wordnet_codes(front) is not None
 
 
 def link(doc: Any, phrases: list, scene: Scene) -> None:

@@ -210,7 +210,10 @@ def _is_head(doc: Any, i: int) -> bool:
     if _noun_read_as_adjective(doc, i) or _known_noun_mistagged(doc, i):
         return True
     if tok.pos_ == "ADJ" and tok.dep_ in ("pobj", "nsubj", "dobj", "conj", "ROOT", "appos") and \
-            tok.text.lower() in lx.known_nouns():
+            (tok.text.lower() in lx.known_nouns() or tok.dep_ in ("dobj", "pobj") and i > 0 and
+             doc[i - 1].pos_ == "DET" and (i + 1 == len(doc) or doc[i + 1].pos_ in ("ADP", "PUNCT")) and
+             vocabulary.classify(lx.singular(tok.text.lower())[0]) in vocabulary.BOXABLE - {"unknown"} and
+             not vocabulary.is_not_noun(tok.text.lower())):
         return True   # "a pink oven" with the noun tagged as an adjective
     if tok.pos_ not in _NOUN_POS and not (tok.tag_.startswith("NN") and tok.pos_ != "PUNCT"):
         return False
@@ -479,6 +482,9 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
             continue
         owner = _possessor(tok, phrases, by_head, conj=p.cls in ("worn", "part")) \
             if p.cls not in ("person", "animal") else None
+        if owner is not None and p.cls not in ("worn", "part") and phrases[owner].cls in ("person", "animal") \
+                and not vocabulary.is_clothing(p.label):
+            owner = None   # "a child's bed", "her umbrella": a thing of its own
         if owner is None and p.cls in ("worn", "part"):
             owner = _syntactic_owner(tok, phrases, by_head)
         if owner is None and p.cls == "thing" and vocabulary.is_clothing(p.label):
