@@ -121,32 +121,42 @@ def spatial_pairs(teacher, left: int, right: int, conds: list, count: int, seed:
     return {"x": x, "x0": x - sigma[:, None, None, None] * eps, "eps": eps, "sigma": sigma, "conds": conds}
 
 
-def side_accuracy(model, pairs: dict, left: int, right: int) -> float:
+def side_accuracy(model, pairs: dict, left: int, right: int) -> dict:
     """Mean weight the gates of ``model`` give, at every spatial site, to the expert the spatial teacher
-    used at each token (``left`` on the left half, ``right`` on the right), on ``pairs``' inputs. A gate that
-    ignores its input gives every token of a site the same weights, so it scores at most 0.5 here (the two
+    used at each token (``left`` on the left half, ``right`` on the right), on ``pairs``' inputs:
+    ``{"all", "left", "right"}`` (every token, the left half's, the right half's). A gate that ignores its
+    input gives every token of a site the same weights, so it scores at most 0.5 overall here (the two
     halves hold equally many tokens at every level)."""
     modules = model.get_attachment("mepg_moe").modules
     size = pairs["x"].shape[-1]
     region_map = side_map(size)
-    total, count = 0.0, 0
+    totals, counts = [0.0, 0.0], [0, 0]
 
     def observe(module, weights):
-        nonlocal total, count
         if module.input_kind != "spatial":
             return
         batch, tokens, _ = weights.shape
         factor = 1
-        while -(-size // factor) ** 2 != tokens:
+        while (-(-size // factor)) ** 2 != tokens:
+            if factor >= size:
+                raise ValueError(f"{module.path}: {tokens} tokens are no level of a {size}×{size} latent")
             factor *= 2
-        want = torch.where(region_map[::factor, ::factor].reshape(-1) == 0, left, right).to(weights.device)
-        got = weights.detach().gather(-1, want[None, :, None].expand(batch, tokens, 1))
-        total += float(got.sum())
-        count += batch * tokens
+        side = region_map[::factor, ::factor].reshape(-1).to(weights.device)
+        want = torch.where(side == 0, left, right)
+        got = weights.detach().gather(-1, want[None, :, None].expand(batch, tokens, 1))[..., 0]
+        for half in (0, 1):
+            totals[half] += float(got[:, side == half].sum())
+            counts[half] += batch * int((side == half).sum())
 
     with modules.runtime.observing(observe):
         run_denoiser(model, pairs["x"], pairs["sigma"], pairs["conds"])
-    return total / count
+    return {"all": sum(totals) / sum(counts), "left": totals[0] / counts[0], "right": totals[1] / counts[1]}
+
+
+def held_out_loss(model, pairs: dict) -> float:
+    """Mean squared error of ``model``'s ε̂ against the teacher's ε on ``pairs``."""
+    pred, _ = run_denoiser(model, pairs["x"], pairs["sigma"], pairs["conds"])
+    return float(((pred - pairs["eps"]) ** 2).mean())
 
 
 def spatial_teacher_experiment(student, teacher, left_name: str, right_name: str, train_conds: list,
@@ -162,10 +172,14 @@ def spatial_teacher_experiment(student, teacher, left_name: str, right_name: str
     trained, result = gt.train_moe_gates(student, list(train["x0"]), train["conds"], config,
                                          fixed_noise=list(train["eps"]), fixed_sigmas=train["sigma"].tolist(),
                                          model_space=True)
+    seconds = time.perf_counter() - started
     history = result.loss_history
+    accuracy = side_accuracy(trained, held, left, right)
     return {
-        "side_accuracy": side_accuracy(trained, held, left, right),
-        "side_accuracy_untrained": side_accuracy(student, held, left, right),
+        "side_accuracy": accuracy["all"], "side_accuracy_left": accuracy["left"],
+        "side_accuracy_right": accuracy["right"],
+        "side_accuracy_untrained": side_accuracy(student, held, left, right)["all"],
         "loss_first": sum(history[:10]) / len(history[:10]), "loss_last": sum(history[-10:]) / len(history[-10:]),
-        "steps": result.steps, "seconds": round(time.perf_counter() - started, 3), "model": trained,
+        "held_out_loss": held_out_loss(trained, held), "held_out_loss_untrained": held_out_loss(student, held),
+        "steps": result.steps, "seconds": round(seconds, 3), "model": trained,
     }

@@ -3,7 +3,7 @@
     .venv/bin/python tools/mutation_check.py                  # every bug of the list, unit then contract tier
     .venv/bin/python tools/mutation_check.py --only skip_background_pass ignore_alpha
     .venv/bin/python tools/mutation_check.py --only gate_input_zeros --tests \\
-        "tests/unit/test_gating.py::test_dense_linear_gate_mixes_expert_outputs" --why
+        "tests/contract/test_gate_training.py::test_gate_learns_a_spatially_varying_teacher" --why
 
 The copy holds the checkout's tracked and unignored files; its ``.host`` links this checkout's ComfyUI and
 tiny-model fixtures and gets its own ComfyUI base directories, so the checkout itself is never touched
@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 UNIT = ["tests/unit/test_cross_denoise.py", "tests/unit/test_gating.py", "tests/unit/test_composition_core.py"]
 CONTRACT = ["tests/contract/test_method_parts.py", "tests/contract/test_cross_denoise.py",
-            "tests/contract/test_moe_patch.py"]
+            "tests/contract/test_moe_patch.py",
+            "tests/contract/test_gate_training.py::test_gate_learns_a_spatially_varying_teacher"]
 # The default baseline: the unit tier, and the pack loading in ComfyUI from the copy (the contract tier in
 # full takes long on a small machine; --full-baseline runs it).
 SMOKE = ["tests/contract/test_pack_loads.py"]
