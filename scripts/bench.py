@@ -120,10 +120,12 @@ def alternating_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
 CROSS_DENOISE_SIZES = (1024, 512)  # SDXL's native size first (the headline), then the MoE bench's size
 
 
-def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = "bench") -> dict:
+def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = "bench",
+                        compare_uncached: bool = False) -> dict:
     """Cross-denoise against plain KSampler at ``size`` or, by default, at each of ``CROSS_DENOISE_SIZES``
     (the first gives the top-level keys, every size is under ``by_size``). The full-canvas-region
-    equivalence is checked at the first size. ``unet``: see :func:`bench_model`."""
+    equivalence is checked at the first size. ``unet``: see :func:`bench_model`. ``compare_uncached``:
+    also time cross-denoise with the key/value cache off (``ratio_uncached``; its output must be equal)."""
     import torch
 
     nodes = inprocess.load_pack(BASE, with_tiny_models=True)
@@ -136,6 +138,7 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
     positive, negative = random_cond(1), random_cond(2)
     settings = bench_settings(cdn)
     n_local = cd.stage_plan(steps, settings).count(cd.LOCAL)
+    cache_reports = spy_context_cache_reports()
 
     def region_set(regions, px):
         layout = layout_mod.parse_layout({"version": 1, "global_prompt": "g", "regions": regions})[0]
@@ -143,6 +146,14 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
         for i, spec in enumerate(rs.regions):
             spec.conditioning = random_cond(10 + i)
         return rs
+
+    def uncached(run):
+        guider = cdn.CrossDenoiseGuider
+        saved, guider.context_cache_bytes = guider.context_cache_bytes, 0
+        try:
+            return run()
+        finally:
+            guider.context_cache_bytes = saved
 
     def measure(px: int) -> tuple[dict, object]:
         latent = {"samples": torch.zeros(1, 4, px // 8, px // 8)}
@@ -158,12 +169,19 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
         three = region_set(BENCH_REGIONS, px)
         plan = bench_plan(cd, three, settings, steps)
         plain()  # warm-up: the first call at a size pays one-time costs
-        outs, med = alternating_medians({"plain": plain, "mepg": lambda: mepg(three)}, repeats)
+        sides = {"plain": plain, "mepg": lambda: mepg(three)}
+        if compare_uncached:
+            sides["mepg_uncached"] = lambda: uncached(lambda: mepg(three))
+        outs, med = alternating_medians(sides, repeats)
         figures = {
             "size_px": px, "plain_s": round(med["plain"], 3), "mepg_s": round(med["mepg"], 3),
             "ratio": round(med["mepg"] / med["plain"], 3), "step_s_plain": round(med["plain"] / steps, 4),
             "window_area_over_canvas": round(cd.window_coverage(plan, px // 8, px // 8), 4),
+            "context_cache": next(r for r in reversed(cache_reports) if r["max_bytes"] > 0),
         }
+        if compare_uncached:
+            figures["ratio_uncached"] = round(med["mepg_uncached"] / med["plain"], 3)
+            figures["cached_equals_uncached"] = bool(torch.equal(outs["mepg"], outs["mepg_uncached"]))
 
         def full_canvas_region():  # one region over the whole picture, prompted with the global prompt
             rs = region_set([FULL_CANVAS], px)
@@ -188,8 +206,22 @@ def bench_cross_denoise(steps: int, size: int | None, repeats: int, unet: str = 
         "max_abs_err_full_canvas_region": float((full_out - ref).abs().max()),
         "size_px": head["size_px"], "by_size": by_size, "repeats": repeats, "steps": steps,
         "local_steps": n_local, "interleave": settings.interleave, "context_margin_px": CONTEXT_MARGIN_PX,
-        "unet": unet, "device": str(model.load_device), "config": config, "goal": "ratio <= 1.60",
+        "unet": unet, "device": str(model.load_device), "config": config, "goal": "ratio <= 1.30 at every size",
     }
+
+
+def spy_context_cache_reports() -> list[dict]:
+    """The end-of-run reports of the cross-attention key/value cache (one per cross-denoise run, in order;
+    ``bytes_per_context``: the memory one prompt's cond + uncond batch holds)."""
+    cache_mod = inprocess.pack_module("mepg_core.context_cache")
+    reports, original = [], cache_mod.ContextProjectionCache.report
+
+    def report(self):
+        reports.append(original(self))
+        return reports[-1]
+
+    cache_mod.ContextProjectionCache.report = report
+    return reports
 
 
 def bench_global_fusion(steps: int, size: int, repeats: int) -> dict:
@@ -769,6 +801,8 @@ def main() -> int:
     ap.add_argument("--unet", choices=("bench", "sdxl"), default="bench",
                     help="cross_denoise only: the 31.6 M-parameter bench UNet, or SDXL's own 2.6 B-parameter "
                          "configuration (random weights; meant for a GPU machine)")
+    ap.add_argument("--compare-uncached", action="store_true",
+                    help="cross_denoise only: also time it with the cross-attention key/value cache off")
     ap.add_argument("--prompts", type=int, default=20, help="planner_smollm2 only: how many of the 20 prompts")
     ap.add_argument("--planner-configs", nargs="*", choices=sorted(PLANNER_CONFIGS), default=None,
                     help="planner_smollm2 only: which decoding / boxes_from configurations")
@@ -777,7 +811,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     for name in a.only or sorted(BENCHES):
         size = a.size if a.size or name.startswith("cross_denoise") else 512
-        extra = {"unet": a.unet} if name == "cross_denoise" else {}
+        extra = {"unet": a.unet, "compare_uncached": a.compare_uncached} if name == "cross_denoise" else {}
         if name == "planner_smollm2_natural":
             extra = {"prompts": a.prompts if a.prompts != 20 else 10}
         if name == "planner_smollm2":
