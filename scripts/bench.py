@@ -656,6 +656,19 @@ PLANNER_CONFIGS = {  # name -> (decoding constrained to the step's schema, where
 }
 
 
+def _plans_report(results: list, prompts, seconds: list[float], load_before: tuple[float, ...]) -> dict:
+    """The per-step report of the plans made so far, their seconds per plan and the load around them."""
+    from mepg_planner_testing import step_report
+
+    report = step_report(results, prompts)
+    report["plans"] = len(results)
+    report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
+    report["failures"] = report["failures"][:10]
+    report["load_average_1_5_15"] = {"before": [round(x, 2) for x in load_before],
+                                     "after": [round(x, 2) for x in os.getloadavg()]}
+    return report
+
+
 def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int = 20,
                           configs: tuple[str, ...] = tuple(PLANNER_CONFIGS), max_regions: int = 3,
                           tag: str = "") -> dict:
@@ -664,7 +677,7 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
     with the schema's grammar (llguidance), boxes from the model or from the arranger. ``steps``, ``size``
     and ``repeats`` are unused (greedy decoding: one run per prompt says it all)."""
     import torch
-    from mepg_planner_testing import VARIED_PROMPTS, find_smollm2_gguf, step_report
+    from mepg_planner_testing import VARIED_PROMPTS, find_smollm2_gguf
 
     from mepg_core.planner import constrain
     from mepg_core.planner.backends import TransformersBackend
@@ -684,7 +697,8 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
         backend = backends[key]
         results, seconds = [], []
         load_before = os.getloadavg()
-        # Each plan's trace as soon as it is made: a long run stopped part-way keeps what it measured.
+        # Each plan's trace and the report so far as soon as it is made: a run stopped part-way keeps what
+        # it measured.
         with (RESULTS / f"planner_smollm2{tag}.{name}.traces.jsonl").open("w") as f:
             for prompt in chosen:
                 started = time.perf_counter()
@@ -694,13 +708,8 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
                 print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
                 f.write(json.dumps({"prompt": prompt, "seconds": seconds[-1], **results[-1].to_dict()}) + "\n")
                 f.flush()
-        report = step_report(results, chosen)
-        report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
-        report["failures"] = report["failures"][:10]
-        report["load_average_1_5_15"] = {"before": [round(x, 2) for x in load_before],
-                                         "after": [round(x, 2) for x in os.getloadavg()]}
-        out["configs"][name] = report
-        (RESULTS / f"planner_smollm2{tag}.partial.json").write_text(json.dumps(out, indent=2) + "\n")
+                out["configs"][name] = _plans_report(results, chosen, seconds, load_before)
+                (RESULTS / f"planner_smollm2{tag}.partial.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
