@@ -128,7 +128,8 @@ PRINTED = frozenset({"book", "magazine", "newspaper", "map", "poster", "letter",
                      "note", "sign", "signboard", "menu", "envelope", "notebook", "diary", "calendar",
                      "banner", "flag", "ticket", "scroll", "comic book", "album", "record"})
 # Words that name a kind of thing already named ("the vehicle" after "a pickup truck").
-GENERIC = frozenset({"vehicle", "vegetable", "veggie", "instrument", "animal", "creature", "beast", "toy", "fruit", "berry",
+GENERIC = frozenset({"vehicle", "vegetable", "veggie", "instrument", "animal", "creature", "beast", "toy", "fruit",
+                     "berry",
                      "furniture", "accessory", "device", "gadget", "appliance", "tool", "container",
                      "footwear", "garment", "food", "structure", "machine", "equipment", "figure", "item",
                      "object", "product", "supplies", "bird", "pet", "plant", "flower", "vessel", "craft",
