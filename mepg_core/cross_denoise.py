@@ -38,18 +38,6 @@ The schedule, for step ``i`` (0-based) of ``N``:
   weight; elsewhere it sees the reference latent (the initial latent noised to the current sigma,
   which no prompt influences). So a region's prompt changes nothing outside its own mask support
   until the first global step, and each window is denoised as its own picture.
-
-Cost, and what is exact about it:
-
-- Each pass costs its window's area plus a part that does not depend on the size: mostly projecting the
-  text context to cross-attention keys and values. The guider caches those per distinct context for the
-  run (:mod:`.context_cache`; bit-exact), so every pass after the first of a prompt skips them.
-- Windows are as small as the *picture* allows, not as small as some receptive field would: SDXL's UNet
-  has self-attention at its two lower levels, so every output cell depends on every input cell of the
-  window it runs on. No margin narrower than the user's ``context_margin`` gives the same prediction
-  inside the mask; a narrower window is a different picture, not a faster one. The exact reductions are
-  the ones made: passes with no weight are skipped, the background runs on the box around where its
-  weight is positive (plus the margin), regions of weight 0 run no pass.
 """
 
 from __future__ import annotations

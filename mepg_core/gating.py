@@ -1141,34 +1141,6 @@ class GatedLinear(_GatedSite):
             return merged, None
         return merged[:, : self.in_features], merged[:, self.in_features]
 
-    def projection_cache_key(self, x: torch.Tensor) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
-        """What :meth:`forward` of the context ``x: [B, T, in]`` depends on besides ``x``, for
-        :class:`~.context_cache.ContextProjectionCache`: ``(hashable, tensors)`` — the expert tensors'
-        identity and version, the options, the computation path (constant groups and their raw weights,
-        dynamic or not) and, compared by value, the mixing weights ``[B, T, E]`` and token positions of
-        that path. None (do not cache) for spatial sites and while training hooks, a recorder or a
-        gradient through the gate are active (they must see every call)."""
-        context = self.runtime.current()
-        if (self.input_kind != "context" or self.runtime.observers or self.runtime.exploration is not None
-                or (context is not None and context.recorder is not None) or x.dim() != 3):
-            return None
-        options = self._options(context)
-        batch, tokens, channels = x.shape
-        context = self._context_for_batch(context, batch)
-        plan = self._plan(context, batch, tokens, x.device)
-        dynamic = None
-        if plan.has_dynamic:
-            flat = x.reshape(batch * tokens, channels)
-            selected = flat if plan.dynamic_positions is None else flat.index_select(0, plan.dynamic_positions)
-            dynamic = self._dynamic_weights(selected, plan, context, options)
-        weights = self._assemble_weights(plan, dynamic, options, batch * tokens, x.device)
-        experts = tuple(None if t is None else (id(t), t._version) for t in (self.expert_weight, self.expert_bias))
-        path = (plan.has_dynamic, plan.dynamic_positions is None, tuple(raw for raw, _ in plan.constant_groups),
-                tuple(p is None for _, p in plan.constant_groups), plan.dynamic_prior is None)
-        tensors = [weights] + [p for _, p in plan.constant_groups if p is not None]
-        tensors += [t for t in (plan.dynamic_positions, plan.dynamic_prior) if t is not None]
-        return (experts, options, path), tuple(tensors)
-
     def _run_constant(self, x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
         active = [(e, w) for e, w in enumerate(weights) if w != 0.0]
         if len(active) == 1:  # one expert: its own weights, no merge (exact)

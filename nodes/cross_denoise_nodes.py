@@ -17,7 +17,6 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..mepg_core import context_cache
 from ..mepg_core import cross_denoise as cd
 from ..mepg_core.regions import RegionSet, build_region_set
 from .checks import check_choice, check_number
@@ -32,13 +31,7 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
 
     ``routing``: optional :class:`~mepg_core.moe_routing.MoERouting` (a Gated MoE model carries one);
     each pass is announced to it so the gated blocks route tokens to the right expert.
-
-    ``context_cache_bytes``: budget of the run's cross-attention key/value cache
-    (:mod:`mepg_core.context_cache`; exact; 0 turns it off). It is installed on the model's
-    cross-attention projections for this guider's sampling only; ``stats["context_cache"]`` reports it.
     """
-
-    context_cache_bytes = context_cache.DEFAULT_MAX_BYTES
 
     def __init__(self, model_patcher, region_set: RegionSet, settings: cd.CrossDenoiseSettings, routing=None):
         super().__init__(model_patcher)
@@ -73,14 +66,10 @@ class CrossDenoiseGuider(comfy.samplers.CFGGuider):
         self._sigma_values = [float(v) for v in sigmas.detach().float().cpu()]
         self._plan = self._make_plan(noise.shape[-2], noise.shape[-1], self.total_steps or len(sigmas) - 1)
         self._windows = WindowConditioning(tuple(noise.shape[-2:]))
-        cache = context_cache.ContextProjectionCache(self.context_cache_bytes)
         try:
-            with context_cache.install(self.inner_model.diffusion_model, cache):
-                return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                            disable_pbar, seed, latent_shapes=latent_shapes)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, latent_shapes=latent_shapes)
         finally:
-            self.stats["context_cache"] = cache.report()
-            cache.clear()
             self._windows.cleanup()
             self._windows = None
 
