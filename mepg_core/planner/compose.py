@@ -82,14 +82,8 @@ def compose(mentions: list[Mention], relations: list[Relation], width: int, heig
 
 
 def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
-    # explicit before implied; for one thing its first stated support or container ("oranges in a bowl at
-    # the centre of a table" rest in the bowl), then the other kinds in their order
-    ordered = sorted(enumerate(relations), key=lambda ir: (not ir[1].explicit, 0 if ir[1].kind in ("on", "inside")
-                                                           else 1, ir[0] if ir[1].kind in ("on", "inside") else
-                                                           _PARENT_KINDS.index(ir[1].kind)
-                                                           if ir[1].kind in _PARENT_KINDS else 99))
-    ordered = [r for _, r in ordered]
-    for r in ordered:
+    order = sorted(range(len(relations)), key=lambda n: _link_rank(relations[n], n))
+    for r in (relations[n] for n in order):
         if r.kind not in _PARENT_KINDS or not r.targets:
             continue
         child, parent = r.subject, r.targets[0]
@@ -112,6 +106,15 @@ def _link(groups: dict[int, Group], relations: list[Relation]) -> None:
             continue
         groups[child].parent, groups[child].how = parent, how
         groups[parent].children.append(child)
+
+
+def _link_rank(r: Relation, n: int) -> tuple[bool, int, int]:
+    """Which relation hangs a thing first: explicit before implied; supports and containers first, in the
+    order stated ("oranges in a bowl at the centre of a table" rest in the bowl); the other kinds in their
+    order."""
+    if r.kind in ("on", "inside"):
+        return not r.explicit, 0, n
+    return not r.explicit, 1, _PARENT_KINDS.index(r.kind) if r.kind in _PARENT_KINDS else 99
 
 
 _MIRROR = {"left": "right", "right": "left", "beside": "beside", "above": "below", "below": "above",
@@ -470,13 +473,6 @@ def _staged(groups: dict[int, Group], i: int) -> list[int]:
     return out
 
 
-def _descendants(groups: dict[int, Group], i: int) -> list[int]:
-    out = []
-    for c in groups[i].children:
-        out += [c, *_descendants(groups, c)]
-    return out
-
-
 def _grow_stage(groups: dict[int, Group], i: int, first: int, few: bool) -> None:
     """Main things resting on a support or inside a container ("three eggplants on a table", "butterflies
     atop a tangerine") too small to be seen: the support and everything on it grow together about the
@@ -489,18 +485,16 @@ def _grow_stage(groups: dict[int, Group], i: int, first: int, few: bool) -> None
             need = max(need, (_min_area(kid, first, few) / max(big, 1.0)) ** 0.5)
     if need <= 1.0:
         return
-    stage = [groups[i].boxes, *[groups[c].boxes for c in _descendants(groups, i)]]
-    u = _union([b for bs in stage for b in bs])
+    stage = _subtree(groups, i)
+    u = _union(stage)
     base = _union(groups[i].boxes)
     cx, cy = (base[0] + base[2]) / 2, base[3]
     f = min(need, 2.5, (FRAME - 2 * EDGE) / max(1.0, u[2] - u[0]), (FRAME - 2 * EDGE) / max(1.0, u[3] - u[1]))
     if f <= 1.0:
         return
-    for bs in stage:
-        for b in bs:
-            b[:] = [cx + (b[0] - cx) * f, cy + (b[1] - cy) * f, cx + (b[2] - cx) * f, cy + (b[3] - cy) * f]
-    everything = [b for bs in stage for b in bs]
-    _shift_boxes(everything, 0.0, 0.0)   # back inside the canvas
+    for b in stage:
+        b[:] = [cx + (b[0] - cx) * f, cy + (b[1] - cy) * f, cx + (b[2] - cx) * f, cy + (b[3] - cy) * f]
+    _shift_boxes(stage, 0.0, 0.0)   # back inside the canvas
 
 
 def _int_box(b: list[float]) -> tuple[int, int, int, int]:

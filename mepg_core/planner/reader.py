@@ -182,10 +182,11 @@ def _known_noun_mistagged(doc: Any, i: int) -> bool:
     if tok.pos_ == "VERB" and (tok.tag_ != "VB" or not (prev is None or prev.text in (",", ";", "(", ".")
                                                         or prev.pos_ == "DET")):
         return False   # an inflected verb is a verb
-    if tok.pos_ == "ADJ" and vocabulary.classify(sing) in ("person", "animal") and prev is not None and \
-            prev.pos_ in ("DET", "ADJ", "NUM") and i + 1 < len(doc) and doc[i + 1].text.lower().endswith("ing"):
+    alive = vocabulary.classify(sing) in ("person", "animal")
+    if tok.pos_ == "ADJ" and alive and prev is not None and prev.pos_ in ("DET", "ADJ", "NUM") and \
+            i + 1 < len(doc) and doc[i + 1].text.lower().endswith("ing"):
         return True    # "a hummingbird drinking from a flower"
-    living = vocabulary.classify(sing) in ("person", "animal") and tok.pos_ == "ADV"
+    living = alive and tok.pos_ == "ADV"
     if low not in lx.known_nouns() and sing not in lx.known_nouns() and not living:
         return False
     nxt = doc[i + 1] if i + 1 < len(doc) else None
@@ -482,24 +483,22 @@ def _attach_worn(doc: Any, phrases: list[Phrase], by_head: dict[int, int]) -> No
             continue
         owner = _possessor(tok, phrases, by_head, conj=p.cls in ("worn", "part")) \
             if p.cls not in ("person", "animal") else None
-        if owner is not None and p.cls not in ("worn", "part") and phrases[owner].cls in ("person", "animal") \
-                and not vocabulary.is_clothing(p.label):
-            owner = None   # "a child's bed", "her umbrella": a thing of its own
         if owner is None and p.cls in ("worn", "part"):
             owner = _syntactic_owner(tok, phrases, by_head)
         if owner is None and p.cls == "thing" and vocabulary.is_clothing(p.label):
             wearer = _syntactic_owner(tok, phrases, by_head)   # "a girl in a white sundress"
             if wearer is not None and phrases[wearer].cls in ("person", "animal", "worn"):
                 owner = wearer
-            elif doc[p.start - 1].text.lower() in ("in", "wearing") if p.start > 0 else False:
+            elif p.start > 0 and doc[p.start - 1].text.lower() in ("in", "wearing"):
                 near = _wearer_before(phrases, k)   # the parse hung "in a white dress" on "painting of"
                 if near is not None and p.head - phrases[near].head <= 6:
                     owner = near
         if owner is None and p.cls not in ("worn", "part") and p.cls in vocabulary.BOXABLE and \
-                p.cls not in ("person", "animal") and _possessor(tok, phrases, by_head, any_kind=True) is not None:
+                p.cls not in ("person", "animal"):
             owner = _possessor(tok, phrases, by_head, any_kind=True)
-            if phrases[owner].cls in ("person", "animal") and not vocabulary.is_clothing(p.label):
-                owner = None   # "a child's bed", "her umbrella": a thing of its own
+        if owner is not None and p.cls not in ("worn", "part") and phrases[owner].cls in ("person", "animal") \
+                and not vocabulary.is_clothing(p.label):
+            owner = None   # "a child's bed", "her umbrella": a thing of its own
         if owner is None and p.cls == "worn" and _standalone_chunk(doc, tok):
             owner = _wearer_before(phrases, k)
             if owner is None:   # tags may name the clothing first: "(red hat:1.3), 1girl"

@@ -101,8 +101,8 @@ SCENERY = frozenset(lx.SCENE_NOUNS | {
 # Scenery that a thing can stand in front of, fly above or sit beside: boxed (as background) only then.
 BACKDROPS = frozenset({
     "city", "village", "town", "skyline", "cityscape", "metropolis", "waterfall", "mountain", "mountains",
-    "hill", "volcano", "forest", "woods", "pier", "dock", "harbor", "harbour",
-    "canyon", "cliff", "castle", "ruins", "temple", "palace", "cathedral", "church", "stage", "fireplace",
+    "hill", "forest", "woods", "pier", "dock", "harbor", "harbour", "canyon", "temple", "palace", "cathedral",
+    "church", "stage",
 })
 # Words about the picture or the prompt, not things in it.
 META = frozenset(lx.META_NOUNS | {
@@ -128,9 +128,8 @@ PRINTED = frozenset({"book", "magazine", "newspaper", "map", "poster", "letter",
                      "note", "sign", "signboard", "menu", "envelope", "notebook", "diary", "calendar",
                      "banner", "flag", "ticket", "scroll", "comic book", "album", "record"})
 # Words that name a kind of thing already named ("the vehicle" after "a pickup truck").
-GENERIC = frozenset({"vehicle", "vegetable", "veggie", "instrument", "animal", "creature", "beast", "toy", "fruit",
-                     "berry",
-                     "furniture", "accessory", "device", "gadget", "appliance", "tool", "container",
+GENERIC = frozenset({"vehicle", "vegetable", "veggie", "instrument", "animal", "creature", "beast", "toy",
+                     "fruit", "berry", "furniture", "accessory", "device", "gadget", "appliance", "tool", "container",
                      "footwear", "garment", "food", "structure", "machine", "equipment", "figure", "item",
                      "object", "product", "supplies", "bird", "pet", "plant", "flower", "vessel", "craft",
                      "piece", "pair", "duo", "trio", "group", "subject", "character", "individual",
