@@ -747,7 +747,7 @@ def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, promp
     Unix time): start no prompt after it. Each plan is written as it is made, so a stopped run can be
     scored. The honest floor of the LLM path on CPU; ``steps``/``size``/``repeats`` unused."""
     import torch
-    from mepg_planner_testing import find_smollm2_gguf, step_report
+    from mepg_planner_testing import find_smollm2_gguf
 
     from mepg_core.planner import constrain, plan_offline
     from mepg_core.planner.backends import TransformersBackend
@@ -773,9 +773,9 @@ def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, promp
             print(f"  natural {it['id']} ({it['source']}): {result.path} in {seconds[-1]:.1f} s", flush=True)
             f.write(json.dumps({"id": it["id"], "seconds": seconds[-1], **result.to_dict()}) + "\n")
             f.flush()
-    load_after = os.getloadavg()
     if not done:
         raise RuntimeError("no prompt was planned before the time limit")
+    report = _plans_report(results, [it["prompt"] for it in done], seconds, load_before)
     layouts = {"smollm2_arranger": [r.layout.to_dict() for r in results],
                f"offline_max_regions_{max_regions}": [plan_offline(it["prompt"], max_regions=max_regions).to_dict()
                                                        for it in done],
@@ -789,7 +789,6 @@ def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, promp
         scored = subprocess.run([sys.executable, str(NATURAL / "score_natural.py"), str(subset), str(path)],
                                 capture_output=True, text=True, check=True)
         scores[name] = json.loads(scored.stdout.strip().splitlines()[-1])
-    report = step_report(results, [it["prompt"] for it in done])
     sources = {s: sum(it["source"] == s for it in done) for s in sorted({it["source"] for it in done})}
     return {"set": f"dev.jsonl, {len(done)} prompts in natural_order (seed 18): {sources}",
             "ids": [it["id"] for it in done],
@@ -797,10 +796,8 @@ def bench_planner_smollm2_natural(steps: int, size: int, repeats: int = 1, promp
             "grammar_library": f"llguidance {constrain.library_version()}",
             "settings": {"max_regions": max_regions, "repair_rounds": 0, "constrained": True,
                          "boxes_from": "arranger", "temperature": 0.0},
-            "paths": report["paths"], "steps": report["steps"], "failures": report["failures"][:10],
-            "seconds_per_plan": {"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)},
-            "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
-                                    "after": [round(x, 2) for x in load_after]},
+            "paths": report["paths"], "steps": report["steps"], "failures": report["failures"],
+            "seconds_per_plan": report["seconds_per_plan"], "load_average_1_5_15": report["load_average_1_5_15"],
             "scores": scores}
 
 
